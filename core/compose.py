@@ -1,0 +1,56 @@
+"""Counterfactual composition x = m·f + (1−m)·b, the texture shuffler and the mask modifiers (numpy only)."""
+from __future__ import annotations
+
+import numpy as np
+
+
+def circular_shift(image: np.ndarray, offsets: tuple[int, int]) -> np.ndarray:
+    """CGN's shuffler: tile the image 2×2 and crop a window at `offsets`, i.e. a circular shift.
+
+    `image` is [..., C, H, W]; window (dy, dx) of the tiled image starts at row dy, column dx.
+    """
+    dy, dx = offsets
+    return np.roll(image, shift=(-int(dy), -int(dx)), axis=(-2, -1))
+
+
+def compose(mask: np.ndarray, foreground: np.ndarray, background: np.ndarray) -> np.ndarray:
+    """x = m·f + (1−m)·b; the mask [.., 1, H, W] broadcasts over the colour channels."""
+    return mask * foreground + (1.0 - mask) * background
+
+
+def rotate(image: np.ndarray, angle_deg: float) -> np.ndarray:
+    """Rotate [..., H, W] about the image centre with bilinear sampling; outside the source reads 0."""
+    if angle_deg == 0:
+        return image
+    height, width = image.shape[-2:]
+    theta = np.deg2rad(angle_deg)
+    cy, cx = (height - 1) / 2.0, (width - 1) / 2.0
+    rows, cols = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
+    # Inverse map: for each output pixel, where it comes from in the source.
+    src_y = np.cos(theta) * (rows - cy) - np.sin(theta) * (cols - cx) + cy
+    src_x = np.sin(theta) * (rows - cy) + np.cos(theta) * (cols - cx) + cx
+    y0, x0 = np.floor(src_y).astype(int), np.floor(src_x).astype(int)
+    wy, wx = src_y - y0, src_x - x0
+    out = np.zeros_like(image, dtype=np.float64)
+    for dy, dx, weight in ((0, 0, (1 - wy) * (1 - wx)), (0, 1, (1 - wy) * wx), (1, 0, wy * (1 - wx)), (1, 1, wy * wx)):
+        yy, xx = y0 + dy, x0 + dx
+        valid = (yy >= 0) & (yy < height) & (xx >= 0) & (xx < width)
+        sampled = image[..., np.clip(yy, 0, height - 1), np.clip(xx, 0, width - 1)]
+        out += np.where(valid, weight, 0.0) * sampled
+    return out.astype(image.dtype)
+
+
+def modify_mask(
+    mask: np.ndarray,
+    transparency: float = 1.0,
+    rotation_deg: float = 0.0,
+    noise: np.ndarray | None = None,
+) -> np.ndarray:
+    """The paper's shape-mechanism study: rotate, add Gaussian noise (clipped to [0, 1]), then scale by a.
+
+    `rotation_deg` is the angle actually applied (drawn by core.noise); `noise` is the drawn N(0, σ²) field.
+    """
+    out = rotate(mask, rotation_deg)
+    if noise is not None:
+        out = np.clip(out + noise, 0.0, 1.0)
+    return (out * transparency).astype(mask.dtype)

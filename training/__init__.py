@@ -1,0 +1,1 @@
+"""Distillation of CGN teachers into TinyGAN students, ONNX export and the model registry (needs torch)."""
