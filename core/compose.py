@@ -54,3 +54,29 @@ def modify_mask(
     if noise is not None:
         out = np.clip(out + noise, 0.0, 1.0)
     return (out * transparency).astype(mask.dtype)
+
+
+def compose_samples(
+    mask: np.ndarray,
+    texture: np.ndarray,
+    background: np.ndarray,
+    noises: list,
+    texture_shuffle: bool,
+    transparency: float = 1.0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per-sample post-processing and composition of a batch of mechanism outputs.
+
+    `noises` holds one core.noise.SampleNoise per sample: its shuffle offsets (applied when the family
+    shuffles textures) and its mask-modifier draws. Returns (composite, mask, texture, background) as
+    actually composed, so callers can return exactly the components that made the image.
+    """
+    mask = mask.copy()
+    texture = texture.copy()
+    background = background.copy()
+    for i, noise in enumerate(noises):
+        if texture_shuffle:
+            texture[i] = circular_shift(texture[i], noise.shift_texture)
+            background[i] = circular_shift(background[i], noise.shift_background)
+        if noise.rotation_deg or noise.mask_noise is not None or transparency != 1.0:
+            mask[i] = modify_mask(mask[i], transparency, noise.rotation_deg, noise.mask_noise)
+    return compose(mask, texture, background), mask, texture, background

@@ -1,0 +1,133 @@
+"""TinyGAN students and the projection discriminator used to distil them.
+
+The generator follows TinyGAN: a learned class embedding drives conditional BatchNorm in residual blocks
+built from depthwise-separable convolutions, upsampling from 4×4 to the teacher's resolution. The head
+gives a mask in [0, 1] (sigmoid) for the shape mechanism or an image in [-1, 1] (tanh) for the others.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.nn.utils import spectral_norm
+
+HEADS = {"shape": ("mask", 1), "texture": ("texture", 3), "background": ("background", 3)}
+
+
+@dataclass
+class StudentConfig:
+    z_dim: int = 32
+    n_classes: int = 10
+    image_size: int = 32
+    embed_dim: int = 32
+    channels: list[int] = field(default_factory=lambda: [128, 64, 32, 32])  # 4×4, then one per upsampling
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class ConditionalBatchNorm(nn.Module):
+    """BatchNorm without affine; γ and β come from a linear map of the class embedding."""
+
+    def __init__(self, channels: int, embed_dim: int):
+        super().__init__()
+        self.norm = nn.BatchNorm2d(channels, affine=False)
+        self.gamma = nn.Linear(embed_dim, channels)
+        self.beta = nn.Linear(embed_dim, channels)
+        nn.init.zeros_(self.gamma.weight)
+        nn.init.ones_(self.gamma.bias)
+        nn.init.zeros_(self.beta.weight)
+        nn.init.zeros_(self.beta.bias)
+
+    def forward(self, x: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
+        return self.norm(x) * self.gamma(embedding)[:, :, None, None] + self.beta(embedding)[:, :, None, None]
+
+
+class SeparableConv(nn.Sequential):
+    """Depthwise 3×3 then pointwise 1×1: TinyGAN's cheap replacement for a full 3×3 convolution."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__(nn.Conv2d(cin, cin, 3, padding=1, groups=cin), nn.Conv2d(cin, cout, 1))
+
+
+class ResBlockUp(nn.Module):
+    def __init__(self, cin: int, cout: int, embed_dim: int):
+        super().__init__()
+        self.norm1 = ConditionalBatchNorm(cin, embed_dim)
+        self.conv1 = SeparableConv(cin, cout)
+        self.norm2 = ConditionalBatchNorm(cout, embed_dim)
+        self.conv2 = SeparableConv(cout, cout)
+        self.shortcut = nn.Conv2d(cin, cout, 1)
+
+    def forward(self, x: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.norm1(x, embedding))
+        h = F.interpolate(h, scale_factor=2, mode="bilinear", align_corners=False)
+        h = self.conv2(F.relu(self.norm2(self.conv1(h), embedding)))
+        return h + self.shortcut(F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False))
+
+
+class TinyGenerator(nn.Module):
+    """Student for one mechanism: (z [B, Z], y int64 [B]) → mask [B,1,H,W] or image [B,3,H,W]."""
+
+    def __init__(self, config: StudentConfig, mechanism: str):
+        super().__init__()
+        if mechanism not in HEADS:
+            raise ValueError(f"unknown mechanism {mechanism!r}; expected one of {', '.join(HEADS)}")
+        upsamplings = int(math.log2(config.image_size // 4))
+        if 4 * 2**upsamplings != config.image_size or len(config.channels) != upsamplings + 1:
+            raise ValueError(
+                f"image_size {config.image_size} needs {upsamplings + 1} channel widths (4×4 then one per ×2), "
+                f"got {config.channels}"
+            )
+        self.config, self.mechanism = config, mechanism
+        self.output_name, out_channels = HEADS[mechanism]
+        self.embedding = nn.Embedding(config.n_classes, config.embed_dim)
+        self.linear = nn.Linear(config.z_dim + config.embed_dim, config.channels[0] * 16)
+        self.blocks = nn.ModuleList(
+            ResBlockUp(cin, cout, config.embed_dim) for cin, cout in zip(config.channels[:-1], config.channels[1:])
+        )
+        self.head = nn.Sequential(
+            nn.BatchNorm2d(config.channels[-1]), nn.ReLU(), nn.Conv2d(config.channels[-1], out_channels, 3, padding=1)
+        )
+
+    def forward(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        embedding = self.embedding(y)
+        h = self.linear(torch.cat([z, embedding], dim=1)).view(len(z), self.config.channels[0], 4, 4)
+        for block in self.blocks:
+            h = block(h, embedding)
+        out = self.head(h)
+        return torch.sigmoid(out) if self.mechanism == "shape" else torch.tanh(out)
+
+
+class ProjectionDiscriminator(nn.Module):
+    """Spectral-norm conv stack (4×4, stride 2) with a class projection; returns the score and the features.
+
+    Inputs are in [-1, 1] (masks are mapped there by the caller). Five convolutions at 32 px end at 1×1.
+    """
+
+    def __init__(self, in_channels: int, n_classes: int, channels: list[int] | None = None):
+        super().__init__()
+        channels = channels or [16, 32, 64, 128, 128]
+        widths = [in_channels] + list(channels)
+        self.convs = nn.ModuleList(
+            spectral_norm(nn.Conv2d(cin, cout, 4, stride=2, padding=1)) for cin, cout in zip(widths[:-1], widths[1:])
+        )
+        self.linear = spectral_norm(nn.Linear(channels[-1], 1))
+        self.embedding = spectral_norm(nn.Embedding(n_classes, channels[-1]))
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        features = []
+        h = x
+        for conv in self.convs:
+            h = F.leaky_relu(conv(h), 0.2)
+            features.append(h)
+        pooled = h.sum(dim=(2, 3))
+        score = self.linear(pooled).squeeze(1) + (self.embedding(y) * pooled).sum(dim=1)
+        return score, features
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
