@@ -28,3 +28,28 @@ sample: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+.PHONY: run
+# The service on localhost with the shipped model: Redis (started if none answers), one Celery worker and the
+# gateway; prints the URL, Ctrl-C stops everything. HOST/PORT override 127.0.0.1:8000.
+HOST ?= 127.0.0.1
+PORT ?= 8000
+run: install
+	$(PY) -m service.run_local --host $(HOST) --port $(PORT)
+
+.PHONY: eval bench
+# Every shipped MNIST family against its teacher: fidelity, then the invariant-classifier experiment at the
+# default scale (20,000 images, 6 epochs, seeds 0-2, unmodified and modified masks: hours on a 2-core CPU).
+# EVAL_ARGS adds options, e.g. EVAL_ARGS="--images 2000 --epochs 1 --seeds 0" (quick) or "--paper-scale".
+EVAL_ARGS ?=
+eval: install
+	$(PY) -m training.evaluate all $(EVAL_ARGS)
+
+# Teacher vs students (parameters, MACs, images/s) for every shipped family, then the serving benchmark against
+# a service started for the run; BENCH_URL=http://127.0.0.1:8000 targets a running service instead.
+BENCH_URL ?=
+bench: install
+	for family in double_colored_mnist wildlife_mnist; do \
+		if [ -f models/$$family/LATEST ]; then $(PY) -m benchmarks.models --family $$family || exit 1; fi; \
+	done
+	$(PY) -m benchmarks.serving $(if $(BENCH_URL),--url $(BENCH_URL),--start)

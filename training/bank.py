@@ -37,9 +37,13 @@ class BankSpec:
     z_dim: int
     n_classes: int
     classes: Sequence[int] | None = None
+    truncation: float | None = None  # the noise truncation, for teachers that have one (ImageNet)
 
     def to_dict(self) -> dict:
-        return {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in self.__dict__.items()}
+        out = {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in self.__dict__.items()}
+        if out["truncation"] is None:  # banks written before this field existed stay valid
+            del out["truncation"]
+        return out
 
 
 def chunk_rng(seed: int, split: str, index: int) -> np.random.Generator:
@@ -100,6 +104,7 @@ class Bank:
             {path.stem: np.load(path, mmap_mode="r") for path in chunk.glob("*.npy")} for chunk in self.chunks
         ]
         self.sizes = np.array([len(arrays["y"]) for arrays in self._arrays])
+        self.offsets = np.concatenate([[0], np.cumsum(self.sizes)[:-1]])
 
     def __len__(self) -> int:
         return int(self.sizes.sum())
@@ -112,6 +117,30 @@ class Bank:
         return np.asarray(arrays["z"][index]), np.asarray(arrays["y"][index]), np.asarray(arrays[key][index])
 
     def load(self, keys: Sequence[str], limit: int | None = None) -> dict[str, np.ndarray]:
-        """The first `limit` samples (all when None) of the given arrays."""
-        out = {key: np.concatenate([np.asarray(arrays[key]) for arrays in self._arrays]) for key in keys}
-        return {key: value[:limit] for key, value in out.items()}
+        """The first `limit` samples (all when None) of the given arrays, reading no chunk beyond them."""
+        remaining = len(self) if limit is None else limit
+        parts: dict[str, list] = {key: [] for key in keys}
+        for arrays in self._arrays:
+            take = min(remaining, len(arrays["y"]))
+            for key in keys:
+                parts[key].append(np.asarray(arrays[key][:take]))
+            remaining -= take
+            if remaining <= 0:
+                break
+        return {key: np.concatenate(value) for key, value in parts.items()}
+
+    def take(self, keys: Sequence[str], indices: Sequence[int]) -> dict[str, np.ndarray]:
+        """The samples at `indices` (in that order), read from the memory-mapped chunks: 256-px banks
+        are far larger than memory, so evaluation reads them a batch at a time."""
+        indices = np.asarray(indices, dtype=np.int64)
+        if indices.size and (indices.min() < 0 or indices.max() >= len(self)):
+            raise IndexError(f"sample index out of range for a bank split of {len(self)} samples")
+        chunk_of = np.searchsorted(self.offsets, indices, side="right") - 1
+        order = np.argsort(chunk_of, kind="stable")
+        chunks = np.unique(chunk_of)
+        out = {}
+        for key in keys:
+            pieces = [np.asarray(self._arrays[c][key][indices[chunk_of == c] - self.offsets[c]]) for c in chunks]
+            rows = np.concatenate(pieces) if pieces else np.asarray(self._arrays[0][key][:0])
+            out[key] = rows[np.argsort(order)]
+        return out

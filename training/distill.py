@@ -40,6 +40,10 @@ from training.students import HEADS, ProjectionDiscriminator, StudentConfig, Tin
 from training.teachers.loading import TeacherAdapter, TeacherError, load_teacher_adapter, teacher_names
 
 VALUE_RANGE = {"shape": (0.0, 1.0), "texture": (-1.0, 1.0), "background": (-1.0, 1.0)}
+# Evaluation reads the bank a batch at a time: at 256 px a whole held-out split is GBs.
+EVAL_BATCH = 32
+BASELINE_MEMORY = 256 << 20  # bytes of per-class float64 sums the class-mean baseline holds at once
+COMPARISON_COLUMNS = 10
 LOG_FIELDS = ["mechanism", "step", "epoch", "loss_d", "loss_g", "pix", "adv", "feat", "kl", "lambda_pix"]
 
 
@@ -113,7 +117,8 @@ def train_student(
     value_range = VALUE_RANGE[mechanism]
     student.train()
     disc.train()
-    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc=f"distil {mechanism}", unit="step")
+    steps = args.steps[mechanism]
+    bar = tqdm(range(start, steps), initial=start, total=steps, desc=f"distil {mechanism}", unit="step")
     for step in bar:
         z, y, target = (torch.from_numpy(a).to(device) for a in bank.sample(key, args.batch_size, rng))
         epoch = step * args.batch_size / len(bank)
@@ -143,7 +148,7 @@ def train_student(
         loss_g.backward()
         opt_g.step()
 
-        if step % args.log_every == 0 or step == args.steps - 1:
+        if step % args.log_every == 0 or step == steps - 1:
             row = {"mechanism": mechanism, "step": step, "epoch": round(epoch, 4), "loss_d": float(loss_d),
                    "loss_g": float(loss_g), "lambda_pix": lambda_pix, **{k: float(v) for k, v in terms.items()}}
             log.append(row)
@@ -151,8 +156,8 @@ def train_student(
         if (step + 1) % args.checkpoint_every == 0:
             save(step + 1)
     bar.close()
-    if start < args.steps:
-        save(args.steps)
+    if start < steps:
+        save(steps)
     return student.eval(), log
 
 
@@ -163,49 +168,80 @@ def predict(student: TinyGenerator, z: np.ndarray, y: np.ndarray, device: torch.
     return torch.cat(parts).numpy()
 
 
-def class_mean_baseline(bank: Bank, key: str, n_classes: int, y_eval: np.ndarray, limit: int = 10000) -> np.ndarray:
-    """Predict each label's mean teacher output: the floor a student must clearly beat."""
-    train = bank.load(["y", key], limit)
-    means = np.stack([train[key][train["y"] == c].mean(axis=0) if (train["y"] == c).any()
-                      else np.zeros(train[key].shape[1:], np.float32) for c in range(n_classes)])
-    return means[y_eval]
+def class_means(bank: Bank, key: str, classes: np.ndarray, limit: int = 10000) -> np.ndarray:
+    """[len(classes), ...] mean teacher output of each (sorted) label over the first `limit` training
+    samples, zeros for a label never seen; reads only those labels' samples, a batch at a time."""
+    y = bank.load(["y"], limit)["y"]
+    rows = np.flatnonzero(np.isin(y, classes))
+    sums = np.zeros((len(classes), *bank.take([key], [0])[key].shape[1:]), np.float64)
+    counts = np.zeros(len(classes), np.int64)
+    for start in range(0, len(rows), EVAL_BATCH):
+        batch = rows[start:start + EVAL_BATCH]
+        values, slots = bank.take([key], batch)[key], np.searchsorted(classes, y[batch])
+        for slot in np.unique(slots):
+            sums[slot] += values[slots == slot].sum(axis=0)
+            counts[slot] += int((slots == slot).sum())
+    return (sums / np.maximum(counts, 1).reshape(-1, *[1] * (sums.ndim - 1))).astype(np.float32)
+
+
+def fidelity_scores(mechanism: str, student_out: np.ndarray, teacher_out: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-sample scores, so that batches pool into exactly the whole-set summary."""
+    if mechanism == "shape":
+        return {"mask_iou": mask_iou(student_out, teacher_out), "l1": mean_l1(student_out, teacher_out)}
+    return {"l1": mean_l1(student_out, teacher_out), "psnr": psnr(student_out, teacher_out)}
+
+
+def summarise_scores(batches: list[dict[str, np.ndarray]]) -> dict:
+    pooled = {name: np.concatenate([batch[name] for batch in batches]) for name in batches[0]}
+    return {name: summarise_psnr(values) if name == "psnr" else float(values.mean()) for name, values in pooled.items()}
 
 
 def fidelity(mechanism: str, student_out: np.ndarray, teacher_out: np.ndarray) -> dict:
-    if mechanism == "shape":
-        return {"mask_iou": float(mask_iou(student_out, teacher_out).mean()),
-                "l1": float(mean_l1(student_out, teacher_out).mean())}
-    return {"l1": float(mean_l1(student_out, teacher_out).mean()),
-            "psnr": summarise_psnr(psnr(student_out, teacher_out))}
+    return summarise_scores([fidelity_scores(mechanism, student_out, teacher_out)])
 
 
-def evaluate(students: dict, bank: Bank, heldout: Bank, n_classes: int, limit: int, device: torch.device) -> dict:
-    keys = ["z", "y"] + [OUTPUT_KEY[m] for m in students]
-    data = heldout.load(keys, limit)
-    metrics = {"heldout_pairs": int(len(data["y"]))}
+def evaluate(students: dict, bank: Bank, heldout: Bank, limit: int, device: torch.device) -> dict:
+    """Each student and the class-mean baseline (each label's mean teacher output: the floor a student must
+    clearly beat) against the teacher on the first `limit` held-out pairs, streamed in batches."""
+    y_eval = heldout.load(["y"], limit)["y"]
+    metrics = {"heldout_pairs": int(len(y_eval))}
     for mechanism, student in students.items():
         key = OUTPUT_KEY[mechanism]
-        predicted = predict(student, data["z"], data["y"], device)
-        baseline = class_mean_baseline(bank, key, n_classes, data["y"])
-        metrics[mechanism] = {**fidelity(mechanism, predicted, data[key]),
-                              "class_mean_baseline": fidelity(mechanism, baseline, data[key])}
+        student_scores, baseline_scores = [], []
+        for start in range(0, len(y_eval), EVAL_BATCH):
+            data = heldout.take(["z", "y", key], np.arange(start, min(start + EVAL_BATCH, len(y_eval))))
+            student_scores.append(fidelity_scores(mechanism, predict(student, data["z"], data["y"], device), data[key]))
+        labels = np.unique(y_eval)
+        per_label_bytes = 8 * int(np.prod(heldout.take([key], [0])[key].shape[1:]))
+        group = max(1, BASELINE_MEMORY // per_label_bytes)
+        for first in range(0, len(labels), group):
+            classes = labels[first:first + group]
+            means = class_means(bank, key, classes)
+            rows = np.flatnonzero(np.isin(y_eval, classes))
+            for start in range(0, len(rows), EVAL_BATCH):
+                batch = rows[start:start + EVAL_BATCH]
+                predicted = means[np.searchsorted(classes, y_eval[batch])]
+                baseline_scores.append(fidelity_scores(mechanism, predicted, heldout.take([key], batch)[key]))
+        metrics[mechanism] = {**summarise_scores(student_scores),
+                              "class_mean_baseline": summarise_scores(baseline_scores)}
     return metrics
 
 
-def render_comparison(students: dict, heldout: Bank, device: torch.device, path: Path, n_classes: int) -> None:
-    """Teacher row above student row for each mechanism, one column per label, same (z, y)."""
+def render_comparison(students: dict, heldout: Bank, device: torch.device, path: Path) -> None:
+    """Teacher row above student row for each mechanism, one column per label (the first
+    COMPARISON_COLUMNS labels present), same (z, y)."""
     from core.imageio import encode, labelled_rows, to_uint8
 
-    data = heldout.load(["z", "y"] + [OUTPUT_KEY[m] for m in students])
-    columns = [int(np.flatnonzero(data["y"] == c)[0]) for c in range(n_classes) if (data["y"] == c).any()]
+    _, first = np.unique(heldout.load(["y"])["y"], return_index=True)
+    data = heldout.take(["z", "y"] + [OUTPUT_KEY[m] for m in students], first[:COMPARISON_COLUMNS])
     rows = []
     for mechanism, student in students.items():
-        key = OUTPUT_KEY[mechanism]
-        teacher_out = data[key][columns]
-        student_out = predict(student, data["z"][columns], data["y"][columns], device)
+        teacher_out = data[OUTPUT_KEY[mechanism]]
+        student_out = predict(student, data["z"], data["y"], device)
         rows += [to_uint8(teacher_out, VALUE_RANGE[mechanism]), to_uint8(student_out, VALUE_RANGE[mechanism])]
+    scale = max(1, 96 // teacher_out.shape[-1])  # 32-px MNIST grids are upscaled to stay legible
     with atomic_path(path) as tmp:
-        tmp.write_bytes(encode(labelled_rows(rows, columns=len(columns), scale=3)))
+        tmp.write_bytes(encode(labelled_rows(rows, columns=len(data["y"]), scale=scale)))
 
 
 def write_loss_log(log: list[dict], csv_path: Path, png_path: Path) -> None:
@@ -235,22 +271,39 @@ def write_loss_log(log: list[dict], csv_path: Path, png_path: Path) -> None:
     plt.close(fig)
 
 
+def parse_steps(text: str, mechanisms: list[str], parser: argparse.ArgumentParser) -> dict[str, int]:
+    """`6000` for every mechanism, or `shape=6000,texture=2000` (unnamed mechanisms take the largest value)."""
+    try:
+        if "=" not in text:
+            return {m: int(text) for m in mechanisms}
+        named = {k.strip(): int(v) for k, v in (part.split("=") for part in text.split(","))}
+    except ValueError:
+        parser.error(f"--steps must be N or mechanism=N pairs, got {text!r}")
+    if set(named) - set(HEADS):
+        parser.error(f"--steps names unknown mechanism(s) {sorted(set(named) - set(HEADS))}")
+    return {m: named.get(m, max(named.values())) for m in mechanisms}
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teacher", required=True, help=f"one of: {', '.join(teacher_names())}")
     parser.add_argument("--teacher-path", help="teacher checkpoint (file, or folder holding <teacher>.pth)")
     parser.add_argument("--allow-unknown-teacher", action="store_true", help="accept a checkpoint of unknown sha256")
+    parser.add_argument("--truncation", type=float,
+                        help="ImageNet noise truncation in (0, 1] (default 0.5, as CGN); MNIST teachers take none")
     parser.add_argument("--out", required=True, help="version folder to create, e.g. models/double_colored_mnist/v2")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     parser.add_argument("--promote", action="store_true", help="point <family>/LATEST at the new version on success")
     parser.add_argument("--mechanisms", default="shape,texture,background")
-    parser.add_argument("--steps", type=int, default=6000, help="training steps per mechanism")
+    parser.add_argument("--steps", default="6000",
+                        help="training steps per mechanism: N, or per mechanism, e.g. shape=6000,texture=2000")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda[:N]")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--channels", default=None, help="student widths, comma-separated (4×4 first)")
-    parser.add_argument("--embed-dim", type=int, default=32)
+    parser.add_argument("--channels", default=None,
+                        help="student widths, comma-separated (4×4 first; default: the teacher's student preset)")
+    parser.add_argument("--embed-dim", type=int, help="student class-embedding size (default: the teacher's preset)")
     parser.add_argument("--disc-channels", default="16,32,64,128,128")
     parser.add_argument("--lambda-pix", type=float, default=0.2)
     parser.add_argument("--pix-decay", type=float, default=0.01)
@@ -259,9 +312,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--lambda-kl", type=float, default=0.1)
     parser.add_argument("--feature-weights", default=",".join(f"{w:g}" for w in losses.FEATURE_WEIGHTS))
     parser.add_argument("--bank-dir", help="sample bank folder (default runs/<family>/bank-s<seed>-n<size>)")
-    parser.add_argument("--bank-size", type=int, default=50000)
+    parser.add_argument("--bank-size", type=int, help="training samples in the bank (default: 50,000 for MNIST, "
+                                                     "10,000 for ImageNet)")
     parser.add_argument("--heldout", type=int, default=2000, help="held-out pairs for evaluation (at least 2,000)")
-    parser.add_argument("--chunk-size", type=int, default=5000)
+    parser.add_argument("--chunk-size", type=int, help="bank samples per chunk (default: the teacher's)")
     parser.add_argument("--classes", help="restrict training to these labels (comma-separated)")
     parser.add_argument("--work-dir", help="checkpoints and logs (default runs/<family>/<version>)")
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoints in --work-dir")
@@ -272,6 +326,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = [m for m in args.mechanisms if m not in HEADS]
     if unknown or not args.mechanisms:
         parser.error(f"unknown mechanism(s) {unknown}; choose from {', '.join(HEADS)}")
+    args.steps = parse_steps(args.steps, args.mechanisms, parser)
     args.disc_channels = [int(v) for v in args.disc_channels.split(",")]
     args.feature_weights = [float(v) for v in args.feature_weights.split(",")]
     if len(args.feature_weights) != len(args.disc_channels):
@@ -288,7 +343,10 @@ def run(args: argparse.Namespace) -> Path:
     if out.exists() and not args.overwrite:
         raise DistillError(f"{out} already exists; pass --overwrite to replace it or choose another version")
     device = pick_device(args.device)
-    teacher: TeacherAdapter = load_teacher_adapter(args.teacher, args.teacher_path, args.allow_unknown_teacher, device)
+    teacher: TeacherAdapter = load_teacher_adapter(args.teacher, args.teacher_path, args.allow_unknown_teacher, device,
+                                                   args.truncation)
+    if args.classes and not all(0 <= c < teacher.n_classes for c in args.classes):
+        raise DistillError(f"--classes must lie in 0..{teacher.n_classes - 1}, got {args.classes}")
     family = teacher.family
     if args.promote and out.parent.name != family:
         raise DistillError(f"--promote needs --out inside the family folder, e.g. models/{family}/{version}")
@@ -302,15 +360,20 @@ def run(args: argparse.Namespace) -> Path:
     weights = LossWeights(args.lambda_pix, args.pix_decay, args.lambda_adv, args.lambda_feat, args.lambda_kl,
                           args.feature_weights)
 
-    bank_spec = BankSpec(teacher.name, teacher.sha256, list(HEADS), args.bank_size, args.heldout, args.chunk_size,
-                         args.seed, teacher.noise.dim, teacher.n_classes, args.classes)
-    bank_dir = Path(args.bank_dir) if args.bank_dir else runs / family / f"bank-s{args.seed}-n{args.bank_size}"
+    bank_size = args.bank_size if args.bank_size is not None else teacher.bank_size
+    chunk_size = args.chunk_size if args.chunk_size is not None else teacher.chunk_size
+    bank_spec = BankSpec(teacher.name, teacher.sha256, list(HEADS), bank_size, args.heldout, chunk_size,
+                         args.seed, teacher.noise.dim, teacher.n_classes, args.classes, teacher.noise.truncation)
+    bank_dir = Path(args.bank_dir) if args.bank_dir else runs / family / f"bank-s{args.seed}-n{bank_size}"
     generate_bank(teacher.query, bank_spec, bank_dir, draw_z=teacher.draw_z)
     bank, heldout = Bank(bank_dir, "train"), Bank(bank_dir, "heldout")
 
-    config = StudentConfig(z_dim=teacher.noise.dim, n_classes=teacher.n_classes, image_size=teacher.image_size,
-                           embed_dim=args.embed_dim, **({"channels": [int(c) for c in args.channels.split(",")]}
-                                                        if args.channels else teacher.student_channels()))
+    preset = teacher.student_preset()
+    if args.channels:
+        preset["channels"] = [int(c) for c in args.channels.split(",")]
+    if args.embed_dim is not None:
+        preset["embed_dim"] = args.embed_dim
+    config = StudentConfig(z_dim=teacher.noise.dim, n_classes=teacher.n_classes, image_size=teacher.image_size, **preset)
     students, log = {}, []
     started = time.time()
     for mechanism in args.mechanisms:
@@ -322,8 +385,8 @@ def run(args: argparse.Namespace) -> Path:
 
     with atomic_directory(out, overwrite=args.overwrite) as tmp:
         print("evaluating on held-out pairs ...")
-        metrics = evaluate(students, bank, heldout, teacher.n_classes, args.heldout, cpu)
-        render_comparison(students, heldout, cpu, tmp / "teacher_vs_student.png", teacher.n_classes)
+        metrics = evaluate(students, bank, heldout, args.heldout, cpu)
+        render_comparison(students, heldout, cpu, tmp / "teacher_vs_student.png")
         write_loss_log(log, tmp / "losses.csv", tmp / "loss_curves.png")
         print("exporting ONNX and checking parity ...")
         blocks = export_students(students, tmp, seed=args.seed)

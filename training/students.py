@@ -30,11 +30,18 @@ class StudentConfig:
 
 
 class ConditionalBatchNorm(nn.Module):
-    """BatchNorm without affine; γ and β come from a linear map of the class embedding."""
+    """BatchNorm without affine; γ and β come from a linear map of the class embedding.
+
+    The normalisation passes an explicit unit scale and zero shift (non-persistent buffers): the ONNX
+    exporter needs them, or the channel count, to export batch_norm, and the channel count is lost behind
+    the batch-dynamic reshape at the generator's input.
+    """
 
     def __init__(self, channels: int, embed_dim: int):
         super().__init__()
         self.norm = nn.BatchNorm2d(channels, affine=False)
+        self.register_buffer("unit_scale", torch.ones(channels), persistent=False)
+        self.register_buffer("zero_shift", torch.zeros(channels), persistent=False)
         self.gamma = nn.Linear(embed_dim, channels)
         self.beta = nn.Linear(embed_dim, channels)
         nn.init.zeros_(self.gamma.weight)
@@ -43,7 +50,10 @@ class ConditionalBatchNorm(nn.Module):
         nn.init.zeros_(self.beta.bias)
 
     def forward(self, x: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
-        return self.norm(x) * self.gamma(embedding)[:, :, None, None] + self.beta(embedding)[:, :, None, None]
+        norm = self.norm
+        normalised = F.batch_norm(x, norm.running_mean, norm.running_var, self.unit_scale, self.zero_shift, self.training,
+                                  norm.momentum, norm.eps)
+        return normalised * self.gamma(embedding)[:, :, None, None] + self.beta(embedding)[:, :, None, None]
 
 
 class SeparableConv(nn.Sequential):
@@ -95,7 +105,9 @@ class TinyGenerator(nn.Module):
 
     def forward(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         embedding = self.embedding(y)
-        h = self.linear(torch.cat([z, embedding], dim=1)).view(len(z), self.config.channels[0], 4, 4)
+        # view(-1, ...), not view(len(z), ...): ONNX tracing would freeze len(z) and with it the batch size;
+        # unflatten would lose the channel count that BatchNorm's export needs.
+        h = self.linear(torch.cat([z, embedding], dim=1)).view(-1, self.config.channels[0], 4, 4)
         for block in self.blocks:
             h = block(h, embedding)
         out = self.head(h)

@@ -27,7 +27,11 @@ class TeacherAdapter:
     mechanisms: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]
     device: torch.device
     default_channels: list[int] = field(default_factory=lambda: [128, 64, 32, 16])
+    default_embed_dim: int = 32
     query_batch: int = 1000
+    # Sample-bank defaults: its size, and samples per chunk, which bounds memory while the bank is written.
+    bank_size: int = 50000
+    chunk_size: int = 5000
 
     def query(self, mechanism: str, z: np.ndarray, y: np.ndarray) -> np.ndarray:
         """T_mechanism(z, y) as float32 numpy, computed in batches on the teacher's device."""
@@ -45,17 +49,32 @@ class TeacherAdapter:
 
         return np.stack([draw_z(rng, self.noise) for _ in range(count)])
 
-    def student_channels(self) -> dict:
-        return {"channels": list(self.default_channels)}
+    def student_preset(self) -> dict:
+        """The StudentConfig fields this teacher's students default to (widths, class-embedding size)."""
+        return {"channels": list(self.default_channels), "embed_dim": self.default_embed_dim}
+
+
+IMAGENET = "imagenet"
 
 
 def teacher_names() -> list[str]:
-    return sorted(TEACHERS)
+    return sorted([*TEACHERS, IMAGENET])
 
 
-def load_teacher_adapter(name: str, path=None, allow_unknown: bool = False, device="cpu") -> TeacherAdapter:
+def load_teacher_adapter(
+    name: str, path=None, allow_unknown: bool = False, device="cpu", truncation: float | None = None
+) -> TeacherAdapter:
+    """The named teacher behind the common interface; `truncation` applies to the ImageNet CGN only.
+
+    The ImageNet CGN accepts any checkpoint that loads strictly (its official sha256 is unknown here), so
+    `allow_unknown` matters only for the MNIST teachers.
+    """
+    if name == IMAGENET:
+        return _imagenet_adapter(path, device, truncation)
     if name not in TEACHERS:
         raise TeacherError(f"unknown teacher {name!r}; choose one of {', '.join(teacher_names())}")
+    if truncation is not None:
+        raise TeacherError(f"the {name} teacher takes no truncation: its noise is N(0, I)")
     model = load_teacher(name, path, allow_unknown=allow_unknown, device=device)
     return TeacherAdapter(
         name=name,
@@ -69,4 +88,29 @@ def load_teacher_adapter(name: str, path=None, allow_unknown: bool = False, devi
         label_names=[str(i) for i in range(N_CLASSES)],
         mechanisms={m: model.mechanism(m) for m in ("shape", "texture", "background")},
         device=torch.device(device),
+    )
+
+
+def _imagenet_adapter(path, device, truncation: float | None) -> TeacherAdapter:
+    from training.teachers import cgn_imagenet as cgn  # imported here: it needs the `imagenet` extra
+
+    model = cgn.load_teacher(path, cgn.DEFAULT_TRUNCATION if truncation is None else truncation, device)
+    return TeacherAdapter(
+        name=IMAGENET,
+        family=IMAGENET,
+        sha256=model.sha256,
+        parameters=sum(p.numel() for p in model.parameters()),
+        n_classes=cgn.N_CLASSES,
+        image_size=cgn.IMAGE_SIZE,
+        noise=NoiseSpec(dim=cgn.LATENT_DIM, distribution="truncated_normal", truncation=model.truncation,
+                        shared_across_mechanisms=True),
+        texture_shuffle=False,
+        label_names=cgn.class_names(),
+        mechanisms={m: model.mechanism(m) for m in ("shape", "texture", "background")},
+        device=torch.device(device),
+        default_channels=list(cgn.STUDENT_CHANNELS),
+        default_embed_dim=cgn.STUDENT_EMBED_DIM,
+        query_batch=cgn.QUERY_BATCH,
+        bank_size=cgn.BANK_SIZE,
+        chunk_size=cgn.CHUNK_SIZE,
     )

@@ -1,0 +1,375 @@
+"""Teacher vs students: parameters, MACs per image, and images/s at batch 1, 64 and 256.
+
+Engines: the teacher in PyTorch and exported to ONNX (one fused graph and three per-mechanism graphs),
+the shipped students through onnxruntime (per mechanism, three sessions, fused), and the students in
+PyTorch, rebuilt from the manifest's `training.student` config with the weights of the distillation run
+in runs/<family>/<version>/ when present (random weights otherwise: same cost, so the timing holds).
+CUDA is timed too when present. One-counterfactual latency covers noise drawing, the three mechanisms,
+composition and uint8 conversion.
+
+    python -m benchmarks.models --family double_colored_mnist [--models-dir models] [--min-seconds 1]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from core.compose import compose_samples
+from core.imageio import to_uint8
+from core.noise import MECHANISMS, NoiseSpec, draw_sample_noise
+from training.evaluation import report
+from training.evaluation.sources import OnnxStudents, load_students, session_options, teacher_for_family
+from training.export import FusedStudents, _export, _parity
+from training.students import StudentConfig, TinyGenerator
+from training.teachers import load_teacher
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("SKDCGN_SHARED", REPO.parent / "shared"))
+BATCHES = (1, 64, 256)  # the defaults of --batches
+TARGET_SPEEDUP = 1.5
+OUTPUT_NAMES = {"shape": "mask", "texture": "texture", "background": "background"}
+
+
+class TeacherMechanism(nn.Module):
+    """One mechanism of the teacher as a module of (z, y), so it exports and hooks like a student."""
+
+    def __init__(self, teacher: nn.Module, mechanism: str):
+        super().__init__()
+        self.teacher, self.mechanism = teacher, mechanism
+
+    def forward(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.teacher.mechanism(self.mechanism)(z, y)
+
+
+def cost(module: nn.Module, z: torch.Tensor, y: torch.Tensor) -> dict:
+    """Parameters of the layers a forward pass uses, and multiply-accumulates per image of conv/linear layers.
+
+    A conv's MACs are output elements × (input channels / groups) × kernel area; a linear's, output
+    elements × input features. Normalisation, activations and upsampling are not counted.
+    """
+    macs, used = [0], {}
+
+    def hook(layer: nn.Module, _inputs, output: torch.Tensor) -> None:
+        used[id(layer)] = sum(p.numel() for p in layer.parameters(recurse=False))
+        if isinstance(layer, nn.Conv2d):
+            macs[0] += output.numel() * layer.in_channels // layer.groups * layer.kernel_size[0] * layer.kernel_size[1]
+        elif isinstance(layer, nn.Linear):
+            macs[0] += output.numel() * layer.in_features
+
+    handles = [m.register_forward_hook(hook) for m in module.modules() if not list(m.children())]
+    try:
+        with torch.no_grad():
+            module(z, y)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {"parameters": int(sum(used.values())), "macs_per_image": macs[0] // len(z)}
+
+
+def images_per_second(step: Callable[[], object], batch: int, min_seconds: float, min_reps: int = 3) -> float:
+    step()  # warm-up: allocation, kernel selection
+    reps, started = 0, time.perf_counter()
+    while reps < min_reps or time.perf_counter() - started < min_seconds:
+        step()
+        reps += 1
+    return batch * reps / (time.perf_counter() - started)
+
+
+def inputs(batch: int, noise: NoiseSpec, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((batch, noise.dim)).astype(np.float32), rng.integers(0, 10, batch).astype(np.int64)
+
+
+def torch_steps(modules: dict[str, nn.Module], batch: int, noise: NoiseSpec, device: str) -> dict[str, Callable]:
+    """Per-mechanism steps and the three in sequence ("all"), synchronised on CUDA."""
+    z, y = (torch.from_numpy(a).to(device) for a in inputs(batch, noise))
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+    def run(names):
+        def step():
+            with torch.no_grad():
+                for name in names:
+                    modules[name](z, y)
+            sync()
+        return step
+
+    return {m: run([m]) for m in MECHANISMS} | {"all": run(list(MECHANISMS))}
+
+
+def onnx_steps(sessions: dict, fused, batch: int, noise: NoiseSpec) -> dict[str, Callable]:
+    """Per-mechanism sessions, the three sessions in sequence ("three_sessions") and the fused graph."""
+    z, y = inputs(batch, noise)
+    steps = {m: (lambda s=sessions[m]: s.run(None, {"z": z, "y": y})) for m in MECHANISMS}
+    steps["three_sessions"] = lambda: [sessions[m].run(None, {"z": z, "y": y}) for m in MECHANISMS]
+    feeds = {f"z_{m}": z for m in MECHANISMS} | {f"y_{m}": y for m in MECHANISMS}
+    steps["fused"] = lambda: fused.run(None, feeds)
+    return steps
+
+
+def export_teacher(modules: dict[str, nn.Module], out_dir: Path, noise: NoiseSpec) -> dict[str, Path]:
+    """The teacher as three per-mechanism ONNX graphs and one fused graph, each parity-checked."""
+    z, y = inputs(16, noise)
+    paths = {}
+    for m, module in modules.items():
+        paths[m] = out_dir / f"teacher_{m}.onnx"
+        _export(module, (torch.from_numpy(z), torch.from_numpy(y)), ["z", "y"], [OUTPUT_NAMES[m]], paths[m])
+        _parity(paths[m], module, {"z": z, "y": y}, [OUTPUT_NAMES[m]])
+    names = [f"{kind}_{m}" for m in MECHANISMS for kind in ("z", "y")]
+    values = [v for m in MECHANISMS for v in (z, y)]
+    paths["fused"] = out_dir / "teacher_fused.onnx"
+    fused = FusedStudents(modules).eval()
+    _export(fused, tuple(torch.from_numpy(v) for v in values), names, list(OUTPUT_NAMES.values()), paths["fused"])
+    _parity(paths["fused"], fused, dict(zip(names, values)), list(OUTPUT_NAMES.values()))
+    return paths
+
+
+def onnx_sessions(paths: dict[str, Path], providers: list[str], threads: int) -> tuple[dict, object]:
+    import onnxruntime as ort
+
+    options = session_options(threads)
+    sessions = {m: ort.InferenceSession(str(paths[m]), options, providers=providers) for m in MECHANISMS}
+    return sessions, ort.InferenceSession(str(paths["fused"]), options, providers=providers)
+
+
+def student_modules(students: OnnxStudents, runs_dir: Path) -> tuple[dict[str, nn.Module], str]:
+    """TinyGenerators from the manifest's config; trained weights from the run's checkpoints when present."""
+    config = StudentConfig(**students.manifest["training"]["student"])
+    modules, sources = {}, set()
+    for m in MECHANISMS:
+        module = TinyGenerator(config, m)
+        checkpoint = runs_dir / students.family / students.version / f"{m}.pt"
+        if checkpoint.is_file():
+            module.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=False)["student"])
+            sources.add("trained weights from runs/")
+        else:
+            sources.add("random weights (architecture from the manifest; timing only)")
+        modules[m] = module.eval()
+    return modules, " and ".join(sorted(sources))
+
+
+def attempt(measurement: Callable[[], float]) -> float | str:
+    """The measurement, or its error: a graph that fails at some batch size is a result to report, not a crash."""
+    try:
+        return measurement()
+    except Exception as exc:  # noqa: BLE001
+        return f"error: {str(exc).splitlines()[0][:200]}"
+
+
+def counterfactual_ms(run_all: Callable[[dict, dict], dict], noise: NoiseSpec, image_size: int, texture_shuffle: bool,
+                      min_seconds: float) -> float | str:
+    """Milliseconds for one counterfactual at batch 1: noise, three mechanisms, composition, uint8."""
+    labels = {m: np.array([3], np.int64) for m in MECHANISMS}
+    counter = [0]
+
+    def step():
+        noises = [draw_sample_noise(0, counter[0], noise, image_size)]
+        counter[0] += 1
+        outputs = run_all({m: noises[0].z[m][None] for m in MECHANISMS}, labels)
+        image = compose_samples(outputs["shape"], outputs["texture"], outputs["background"], noises, texture_shuffle)[0]
+        return to_uint8(image)
+
+    return attempt(lambda: 1000.0 / images_per_second(step, 1, min_seconds))
+
+
+def fused_runner(session) -> Callable[[dict, dict], dict]:
+    def run_all(z: dict, y: dict) -> dict:
+        feeds = {f"z_{m}": z[m] for m in MECHANISMS} | {f"y_{m}": y[m] for m in MECHANISMS}
+        return dict(zip(MECHANISMS, session.run(list(OUTPUT_NAMES.values()), feeds)))
+    return run_all
+
+
+def torch_runner(modules: dict[str, nn.Module], device: str) -> Callable[[dict, dict], dict]:
+    def run_all(z: dict, y: dict) -> dict:
+        with torch.no_grad():
+            return {m: modules[m](torch.from_numpy(z[m]).to(device), torch.from_numpy(y[m]).to(device)).cpu().numpy()
+                    for m in MECHANISMS}
+    return run_all
+
+
+def measure(steps_for_batch: Callable[[int], dict[str, Callable]], batches, min_seconds: float) -> dict:
+    """{variant: {batch: images/s}}; a variant that fails records its error instead of a number."""
+    table: dict[str, dict] = {}
+    for batch in batches:
+        for variant, step in steps_for_batch(batch).items():
+            table.setdefault(variant, {})[str(batch)] = attempt(lambda: images_per_second(step, batch, min_seconds))
+    return table
+
+
+def run(args: argparse.Namespace) -> dict:
+    torch.set_grad_enabled(False)
+    students = load_students(args.models_dir, args.family, args.version, args.threads)
+    noise = NoiseSpec.from_manifest(students.manifest["noise"])
+    shuffle = bool(students.manifest["texture_shuffle"])
+    size = int(students.manifest["image_size"])
+    teacher = load_teacher(teacher_for_family(args.family), args.teacher_path)
+    teacher_mods = {m: TeacherMechanism(teacher, m).eval() for m in MECHANISMS}
+    student_mods, weights = student_modules(students, Path(args.runs_dir))
+    z1, y1 = (torch.from_numpy(a) for a in inputs(4, noise))
+    result = {
+        "family": args.family, "version": students.version, "models_dir": str(students.directory),
+        "host": {"machine": platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__,
+                 "torch_threads": torch.get_num_threads(), "loadavg_start": os.getloadavg()},
+        "min_seconds": args.min_seconds, "batches": args.batches, "student_torch_weights": weights,
+        "cost": {
+            "teacher": {m: cost(teacher_mods[m], z1, y1) for m in MECHANISMS} | {"total_parameters": sum(
+                p.numel() for p in teacher.parameters())},
+            "student": {m: cost(student_mods[m], z1, y1) for m in MECHANISMS},
+        },
+        "images_per_second": {},
+        "counterfactual_ms": {},
+    }
+    import onnxruntime as ort
+
+    ort_devices = [("cpu", ["CPUExecutionProvider"])]
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        ort_devices.append(("cuda", ["CUDAExecutionProvider", "CPUExecutionProvider"]))
+    manifest = students.manifest
+    student_paths = {m: students.directory / block["file"] for m, block in manifest["mechanisms"].items()}
+    student_paths["fused"] = students.directory / manifest["fused"]["file"]
+    timings, latency = result["images_per_second"], result["counterfactual_ms"]
+    with tempfile.TemporaryDirectory() as tmp:
+        teacher_paths = export_teacher(teacher_mods, Path(tmp), noise)
+        for device, providers in ort_devices:
+            for name, paths in (("teacher", teacher_paths), ("student", student_paths)):
+                print(f"timing {name} with onnxruntime on {device} ...", file=sys.stderr)
+                sessions, fused = onnx_sessions(paths, providers, args.threads)
+                timings[f"{name}/onnxruntime-{device}"] = measure(
+                    lambda b: onnx_steps(sessions, fused, b, noise), args.batches, args.min_seconds)
+                latency[f"{name}/onnxruntime-{device}-fused"] = counterfactual_ms(
+                    fused_runner(fused), noise, size, shuffle, args.min_seconds)
+    for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
+        for name, modules in (("teacher", teacher_mods), ("student", student_mods)):
+            print(f"timing {name} with PyTorch on {device} ...", file=sys.stderr)
+            moved = {m: module.to(device) for m, module in modules.items()}
+            timings[f"{name}/pytorch-{device}"] = measure(lambda b: torch_steps(moved, b, noise, device),
+                                                          args.batches, args.min_seconds)
+            latency[f"{name}/pytorch-{device}"] = counterfactual_ms(
+                torch_runner(moved, device), noise, size, shuffle, args.min_seconds)
+    result["host"]["loadavg_end"] = os.getloadavg()
+    result["speedup_batch"] = max(args.batches)
+    result["speedup"] = speedups(timings, result["speedup_batch"])
+    return result
+
+
+def speedups(timings: dict, batch: int) -> dict:
+    """Student over teacher images/s at `batch`, both through onnxruntime on CPU, per mechanism."""
+    teacher, student = timings.get("teacher/onnxruntime-cpu", {}), timings.get("student/onnxruntime-cpu", {})
+    out = {}
+    for variant in list(MECHANISMS) + ["three_sessions", "fused"]:
+        t, s = teacher.get(variant, {}).get(str(batch)), student.get(variant, {}).get(str(batch))
+        if isinstance(t, float) and isinstance(s, float):
+            out[variant] = {"speedup": s / t, "meets_target": s / t >= TARGET_SPEEDUP}
+    return out
+
+
+def markdown(result: dict, plot: str) -> str:
+    cost_rows = []
+    for name in ("teacher", "student"):
+        for m in MECHANISMS:
+            c = result["cost"][name][m]
+            cost_rows.append([name, m, f"{c['parameters']:,}", f"{c['macs_per_image'] / 1e6:.2f}"])
+    rows = []
+    batches = result["batches"]
+    for engine, variants in result["images_per_second"].items():
+        for variant, per_batch in variants.items():
+            rows.append([engine, variant] + [f"{v:,.0f}" if isinstance(v, float) else v for v in
+                                             (per_batch.get(str(b), "") for b in batches)])
+    speed = [[m, f"{v['speedup']:.2f}×", "yes" if v["meets_target"] else "**no**"]
+             for m, v in result["speedup"].items()]
+    latency = [[engine, f"{ms:.2f}" if isinstance(ms, float) else ms] for engine, ms in result["counterfactual_ms"].items()]
+    host = result["host"]
+    return "\n".join([
+        f"### Model benchmark: {result['family']}/{result['version']}",
+        "",
+        f"Host: {host['cpus']} CPUs ({host['machine']}), torch {host['torch']} with {host['torch_threads']} threads; "
+        f"load average {host['loadavg_start'][0]:.1f} at start, {host['loadavg_end'][0]:.1f} at end (other jobs "
+        f"share this CPU, so absolute numbers are pessimistic; ratios measured back to back). Each number: at least "
+        f"{result['min_seconds']:g} s of repeated calls after one warm-up call. Student PyTorch: "
+        f"{result['student_torch_weights']}.",
+        "",
+        table_or_empty(["model", "mechanism", "parameters", "MMACs / image"], cost_rows),
+        "",
+        table_or_empty(["engine", "variant"] + [f"img/s @ {b}" for b in batches], rows),
+        "",
+        f"Students vs teacher through onnxruntime (CPU) at batch {result['speedup_batch']} "
+        f"(target ≥ {TARGET_SPEEDUP}× at 256):",
+        "",
+        table_or_empty(["mechanism", "speedup", "meets target"], speed),
+        "",
+        "One counterfactual at batch 1 (noise, three mechanisms, composition, uint8):",
+        "",
+        table_or_empty(["engine", "ms"], latency),
+        "",
+        f"![throughput vs batch]({plot})",
+    ])
+
+
+def table_or_empty(headers, rows) -> str:
+    return report.table(headers, rows) if rows else "(nothing measured)"
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for engine, variants in result["images_per_second"].items():
+        for variant in ("all", "three_sessions", "fused"):
+            points = [(b, variants.get(variant, {}).get(str(b))) for b in result["batches"]]
+            points = [(b, v) for b, v in points if isinstance(v, float)]
+            if points:
+                ax.plot(*zip(*points), marker="o", label=f"{engine} {variant}")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("images / s (three mechanisms)")
+    ax.set_title(f"{result['family']}/{result['version']}: throughput vs batch")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--family", default="double_colored_mnist")
+    parser.add_argument("--models-dir", default="models")
+    parser.add_argument("--version", help="default: the family's LATEST")
+    parser.add_argument("--teacher-path", default=str(SHARED / "teachers" / "cgn_mnist"))
+    parser.add_argument("--runs-dir", default=os.environ.get("SKDCGN_RUNS_DIR", "runs"))
+    parser.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: onnxruntime decides)")
+    parser.add_argument("--min-seconds", type=float, default=1.0, help="time each measurement at least this long")
+    parser.add_argument("--batches", default=",".join(map(str, BATCHES)))
+    parser.add_argument("--torch-threads", type=int, default=0, help="PyTorch intra-op threads (0: its default)")
+    parser.add_argument("--results-dir", default="benchmarks/results")
+    parser.add_argument("--results-md", default="docs/RESULTS.md")
+    parser.add_argument("--note", default="")
+    args = parser.parse_args(argv)
+    args.batches = [int(b) for b in args.batches.split(",")]
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
+    result = run(args)
+    report.write_json(Path(args.results_dir) / f"models_{args.family}.json", result)
+    plot_path = Path(args.results_md).parent / f"throughput_{args.family}.png"
+    plot(result, plot_path)
+    body = markdown(result, plot_path.name) + (f"\n\n{args.note}" if args.note else "")
+    report.update_section(args.results_md, f"bench-models-{args.family}", body)
+    print(body)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

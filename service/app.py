@@ -1,0 +1,372 @@
+"""The FastAPI gateway: validation, the batch cache, admission control, Celery dispatch, jobs and downloads.
+
+A synchronous request is validated against the model it names (resolved to a version now, so it finishes on
+that version whatever LATEST says later), looked up in the batch cache, and otherwise sent to a worker
+whose answer arrives on a Redis reply list. Dataset jobs are split into chunks that workers render in
+parallel; their state lives in Redis and their files in the data directory.
+"""
+from __future__ import annotations
+
+import base64
+import secrets
+import time
+import uuid
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import redis.exceptions
+from fastapi import APIRouter, Depends, FastAPI, Header, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from core.imageio import decode, encode, grid
+from core.manifest import ManifestError, VersionNotFound
+from core.noise import MECHANISMS
+from service.broker import Broker, ServiceError, cache_key, redis_location
+from service.catalog import ModelCatalog, ResolvedModel, UnknownModel
+from service.config import Settings
+from service.metrics import GatewayMetrics
+from service.schemas import (
+    CounterfactualRequest, JobRequest, JobStatus, Mechanism, MechanismRequest, RenderResponse,
+)
+from workers.protocol import (
+    ACTIVE_STATES, CANCELLED, CHUNK_TASK, INTERACTIVE_QUEUE, JOB_ID_PATTERN, JOBS_QUEUE, QUEUED, RENDER_TASK,
+    STATS_KEY, SUCCEEDED, chunk_count, chunk_task_id, done_samples, job_chunks_key, job_key, now_iso, result_path,
+    transition_args,
+)
+
+RANDOM_SEED_BITS = 32  # seeds the gateway picks stay exact in JavaScript clients
+
+
+@dataclass
+class Gateway:
+    settings: Settings
+    catalog: ModelCatalog
+    broker: Broker
+    metrics: GatewayMetrics
+
+
+def gateway(request: Request) -> Gateway:
+    return request.app.state.gateway
+
+
+def require_api_key(request: Request, x_api_key: str | None = Header(None)) -> None:
+    """When SKDCGN_API_KEYS is set, job endpoints and downloads need one of its keys."""
+    keys = gateway(request).settings.api_keys
+    if not keys:
+        return
+    if not x_api_key:
+        raise ServiceError(401, "this endpoint needs an API key: send it in the X-API-Key header")
+    if not any(secrets.compare_digest(x_api_key.encode(), key.encode()) for key in keys):
+        raise ServiceError(403, "the X-API-Key header does not hold a valid API key")
+
+
+# --- validation against the model and the server's limits ---------------------------------------------------------
+
+def resolve_model(gw: Gateway, family: str | None, version: str | None) -> ResolvedModel:
+    try:
+        return gw.catalog.resolve(family or gw.settings.default_model, version)
+    except (UnknownModel, VersionNotFound) as exc:
+        raise ServiceError(404, str(exc)) from exc
+    except ManifestError as exc:
+        raise ServiceError(503, f"the model cannot be served: {exc}") from exc
+
+
+def check_mechanisms(model: ResolvedModel, needed) -> None:
+    missing = [m for m in needed if m not in model.mechanisms]
+    if missing:
+        raise ServiceError(404, f"model {model.family}/{model.version} has no {', '.join(missing)} mechanism; "
+                                f"it has: {', '.join(model.mechanisms)}")
+
+
+def check_labels(model: ResolvedModel, field: str, values) -> None:
+    bad = [value for value in values if not 0 <= value < model.label_count]
+    if bad:
+        raise ServiceError(422, f"{field}: label {bad[0]} is out of range; model {model.family} has labels "
+                                f"0..{model.label_count - 1}")
+
+
+def check_n(n: int, maximum: int, hint: str) -> None:
+    if n > maximum:
+        raise ServiceError(422, f"n={n} is over this server's maximum of {maximum}{hint}")
+
+
+def check_z(model: ResolvedModel, field: str, vectors: list[list[float]], n: int) -> None:
+    if len(vectors) != n or any(len(vector) != model.noise_dim for vector in vectors):
+        raise ServiceError(422, f"{field} must hold n={n} vectors of {model.noise_dim} numbers each")
+
+
+def pick_seed(seed: int | None) -> int:
+    return seed if seed is not None else secrets.randbits(RANDOM_SEED_BITS)
+
+
+def model_fields(model: ResolvedModel) -> dict:
+    return {"family": model.family, "version": model.version, "manifest_sha256": model.manifest_sha256}
+
+
+# --- synchronous rendering -----------------------------------------------------------------------------------------
+
+def wants_png(accept: str) -> bool:
+    """The first of image/png or JSON named in Accept wins; JSON when neither is."""
+    for item in accept.split(","):
+        media = item.split(";")[0].strip().lower()
+        if media in ("image/png", "image/*"):
+            return True
+        if media in ("application/json", "application/*", "*/*"):
+            return False
+    return False
+
+
+def render_response(payload: dict, cached: bool, accept: str) -> Response:
+    headers = {"X-Cache": "hit" if cached else "miss", "X-Seed": str(payload["seed"]),
+               "X-Model-Version": f"{payload['model']}/{payload['version']}"}
+    if wants_png(accept):
+        images = [decode(base64.b64decode(image)) for image in payload["images"]]
+        picture = images[0] if len(images) == 1 else grid(np.stack(images))
+        return Response(encode(picture), media_type="image/png", headers=headers)
+    return JSONResponse({**payload, "cached": cached}, headers=headers)
+
+
+async def render(gw: Gateway, task: dict, endpoint: str, accept: str) -> Response:
+    key = cache_key(task)
+    payload = await gw.broker.cache_get(key)
+    cached = payload is not None
+    if cached:
+        gw.metrics.cache_hits.labels(endpoint).inc()
+    else:
+        gw.metrics.cache_misses.labels(endpoint).inc()
+        await gw.broker.admit(INTERACTIVE_QUEUE, gw.settings.queue_bound)
+        task_id = uuid.uuid4().hex
+        # Expiring with the timeout: a worker that reaches the task after the caller gave up skips it.
+        await gw.broker.send(RENDER_TASK, [(task_id, [task])], expires=gw.settings.sync_timeout_s)
+        reply = await gw.broker.wait_reply(task_id)
+        if "error" in reply:
+            raise ServiceError(reply["status"], reply["error"])
+        payload = reply["ok"]
+        await gw.broker.cache_set(key, payload)
+    return render_response(payload, cached, accept)
+
+
+PNG_RESPONSES = {200: {"content": {"image/png": {}}, "description": "JSON, or one PNG (a grid when n > 1) "
+                                                                     "with Accept: image/png"}}
+router = APIRouter()
+
+
+@router.post("/counterfactual", response_model=RenderResponse, responses=PNG_RESPONSES)
+async def counterfactual(body: CounterfactualRequest, request: Request, gw: Gateway = Depends(gateway)):
+    """Counterfactual images: the shape of one label, the texture of another, the background of a third."""
+    model = resolve_model(gw, body.model, body.version)
+    check_mechanisms(model, MECHANISMS)
+    labels = {"shape": body.shape, "texture": body.texture, "background": body.background}
+    for name, value in labels.items():
+        check_labels(model, name, [value])
+    check_n(body.n, gw.settings.max_n, "; use POST /jobs for datasets")
+    for mechanism, vectors in (body.z or {}).items():
+        check_z(model, f"z.{mechanism}", vectors, body.n)
+    task = {"kind": "counterfactual", **model_fields(model), "labels": labels, "n": body.n,
+            "seed": pick_seed(body.seed), "mask": body.mask.model_dump(), "z": body.z,
+            "return_components": body.return_components, "return_z": body.return_z}
+    return await render(gw, task, "counterfactual", request.headers.get("accept", ""))
+
+
+@router.post("/generate/{mechanism}", response_model=RenderResponse, responses=PNG_RESPONSES)
+async def generate(mechanism: Mechanism, body: MechanismRequest, request: Request, gw: Gateway = Depends(gateway)):
+    """One mechanism's raw output: masks (shape), foreground textures or backgrounds of a label."""
+    model = resolve_model(gw, body.model, body.version)
+    check_mechanisms(model, [mechanism])
+    check_labels(model, "label", [body.label])
+    check_n(body.n, gw.settings.max_n, "; use POST /jobs for datasets")
+    if body.z is not None:
+        check_z(model, "z", body.z, body.n)
+    task = {"kind": "mechanism", **model_fields(model), "mechanism": mechanism, "label": body.label, "n": body.n,
+            "seed": pick_seed(body.seed), "z": {mechanism: body.z} if body.z is not None else None,
+            "return_z": body.return_z}
+    return await render(gw, task, f"generate/{mechanism}", request.headers.get("accept", ""))
+
+
+# --- dataset jobs --------------------------------------------------------------------------------------------------
+
+async def job_status(gw: Gateway, job_id: str) -> dict:
+    if not JOB_ID_PATTERN.match(job_id):  # before the id comes near Redis or the file system
+        raise ServiceError(404, f"no job {job_id!r}: job ids are 32 lowercase hex digits")
+    redis_client = gw.broker.redis
+    record = await redis_client.hgetall(job_key(job_id))
+    if not record:
+        raise ServiceError(404, f"no job {job_id}")
+    total, chunks, chunk_size = int(record["n"]), int(record["chunks"]), int(record["chunk_size"])
+    pipe = redis_client.pipeline()
+    pipe.scard(job_chunks_key(job_id)).sismember(job_chunks_key(job_id), chunks - 1)
+    done_chunks, last_done = await pipe.execute()
+    done = total if record["state"] == SUCCEEDED else done_samples(done_chunks, bool(last_done), chunk_size, total)
+    status = {key: record.get(key) for key in ("id", "state", "model", "version", "format", "created", "started",
+                                               "finished", "error")}
+    status.update(seed=int(record["seed"]), progress={"done": done, "total": total})
+    if record["state"] == SUCCEEDED:
+        status["result_url"] = f"/jobs/{job_id}/result"
+    return status
+
+
+@router.post("/jobs", status_code=202, response_model=JobStatus, dependencies=[Depends(require_api_key)])
+async def create_job(body: JobRequest, gw: Gateway = Depends(gateway)):
+    """Queue a counterfactual dataset; poll GET /jobs/{id}, then download GET /jobs/{id}/result."""
+    model = resolve_model(gw, body.model, body.version)
+    check_mechanisms(model, MECHANISMS)
+    check_n(body.n, gw.settings.max_job_n, "")
+    choices = {}
+    for mechanism in MECHANISMS:
+        allowed = getattr(body.labels, mechanism)
+        if allowed is not None:
+            check_labels(model, f"labels.{mechanism}", allowed)
+        choices[mechanism] = sorted(set(allowed)) if allowed is not None else list(range(model.label_count))
+    await gw.broker.admit(JOBS_QUEUE, gw.settings.job_queue_bound)
+    job_id = uuid.uuid4().hex
+    seed = pick_seed(body.seed)
+    chunk_size = gw.settings.job_chunk_size
+    chunks = chunk_count(body.n, chunk_size)
+    created = now_iso()
+    spec = {"id": job_id, **model_fields(model), "n": body.n, "chunk_size": chunk_size, "chunks": chunks,
+            "seed": seed, "counterfactuals_per_shape": body.counterfactuals_per_shape, "labels": choices,
+            "mask": body.mask.model_dump(), "format": body.format, "created": created,
+            "request": body.model_dump() | {"model": model.family, "version": model.version, "seed": seed}}
+    record = {"id": job_id, "state": QUEUED, "model": model.family, "version": model.version, "format": body.format,
+              "seed": seed, "n": body.n, "chunks": chunks, "chunk_size": chunk_size, "created": created}
+    pipe = gw.broker.redis.pipeline()
+    pipe.hset(job_key(job_id), mapping=record).hincrby(STATS_KEY, "jobs_submitted", 1)
+    await pipe.execute()
+    await gw.broker.send(CHUNK_TASK, [(chunk_task_id(job_id, chunk), [spec, chunk]) for chunk in range(chunks)])
+    return JSONResponse(await job_status(gw, job_id), status_code=202, headers={"Location": f"/jobs/{job_id}"})
+
+
+@router.get("/jobs/{job_id}", response_model=JobStatus, dependencies=[Depends(require_api_key)])
+async def get_job(job_id: str, gw: Gateway = Depends(gateway)):
+    """State, progress (samples done of total), timestamps and error of a job."""
+    return await job_status(gw, job_id)
+
+
+@router.get("/jobs/{job_id}/result", dependencies=[Depends(require_api_key)],
+            responses={200: {"content": {"application/octet-stream": {}, "application/x-tar": {}}}})
+async def get_job_result(job_id: str, gw: Gateway = Depends(gateway)):
+    """The dataset: result.npz (images, labels, indices, provenance) or a tar of PNGs with labels.csv."""
+    status = await job_status(gw, job_id)
+    if status["state"] != SUCCEEDED:
+        progress = status["progress"]
+        raise ServiceError(409, f"job {job_id} is {status['state']} ({progress['done']}/{progress['total']} samples); "
+                                "its result exists once it has succeeded")
+    path = result_path(gw.settings.data_dir, job_id, status["format"])
+    if not path.is_file():
+        raise ServiceError(410, f"the result file of job {job_id} is gone from the data directory")
+    media = "application/x-tar" if status["format"] == "png" else "application/octet-stream"
+    return FileResponse(path, media_type=media, filename=f"{job_id}{path.suffix}")
+
+
+@router.delete("/jobs/{job_id}", response_model=JobStatus, dependencies=[Depends(require_api_key)])
+async def cancel_job(job_id: str, gw: Gateway = Depends(gateway)):
+    """Cancel a queued or running job: its remaining chunks are revoked and skipped."""
+    status = await job_status(gw, job_id)
+    cancelled = await gw.broker.redis.eval(
+        *transition_args(job_id, ACTIVE_STATES, {"state": CANCELLED, "finished": now_iso()}))
+    if not cancelled:
+        raise ServiceError(409, f"job {job_id} has already {status['state']}; only queued or running jobs cancel")
+    await gw.broker.incr_stat("jobs_cancelled")
+    # Chunks also check the job's state before rendering, so a revoke that misses a worker costs nothing.
+    chunks = int(await gw.broker.redis.hget(job_key(job_id), "chunks"))
+    await gw.broker.revoke([chunk_task_id(job_id, chunk) for chunk in range(chunks)])
+    return await job_status(gw, job_id)
+
+
+# --- health, models, metrics ---------------------------------------------------------------------------------------
+
+@router.get("/healthz")
+async def healthz():
+    """Liveness: the gateway process answers."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz")
+async def readyz(gw: Gateway = Depends(gateway)):
+    """Ready when Redis answers and a worker has loaded the default model."""
+    default = gw.settings.default_model
+    workers = await gw.broker.workers()
+    serving = [w for w in workers if any(name.startswith(default + "/") for name in w["loaded"])]
+    body = {"ready": bool(serving), "redis": "ok", "default_model": default, "workers": workers}
+    if not serving:
+        body["reason"] = f"no worker has loaded {default} yet" if workers else "no worker is up"
+        return JSONResponse(body, status_code=503, headers={"Retry-After": "5"})
+    return body
+
+
+@router.get("/models")
+async def models(gw: Gateway = Depends(gateway)):
+    """Families, versions, labels and manifest essentials; the workers up and their execution provider."""
+    try:
+        workers = await gw.broker.workers()
+    except redis.exceptions.ConnectionError:
+        workers = []
+    return {"default_model": gw.settings.default_model, "models": gw.catalog.describe(), "workers": workers}
+
+
+@router.get("/metrics")
+async def metrics(gw: Gateway = Depends(gateway)):
+    """Prometheus text format."""
+    try:
+        snapshot = await gw.broker.snapshot((INTERACTIVE_QUEUE, JOBS_QUEUE))
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+        snapshot = None
+    return Response(gw.metrics.render(snapshot), media_type=CONTENT_TYPE_LATEST)
+
+
+# --- the application -----------------------------------------------------------------------------------------------
+
+def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = exc.errors()
+    if any(error["type"] == "json_invalid" for error in errors):
+        detail = "; ".join(str(error.get("ctx", {}).get("error", error["msg"])) for error in errors)
+        return JSONResponse({"error": f"the request body is not valid JSON: {detail}"}, status_code=400)
+    summary = "; ".join(f"{'.'.join(str(part) for part in error['loc'][1:]) or error['loc'][0]}: {error['msg']}"
+                        for error in errors)
+    return JSONResponse({"error": f"invalid request: {summary}", "detail": jsonable(errors)}, status_code=422)
+
+
+def jsonable(errors: list[dict]) -> list[dict]:
+    return [{key: (value if key != "ctx" else {k: str(v) for k, v in value.items()}) for key, value in error.items()
+             if key in ("type", "loc", "msg", "input", "ctx")} for error in errors]
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings.from_env()
+    gw = Gateway(settings, ModelCatalog(settings.models_dir), Broker(settings), GatewayMetrics())
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        yield
+        await gw.broker.close()
+
+    app = FastAPI(title="SKDCGN counterfactual service", version="0.1.0", lifespan=lifespan,
+                  description="Counterfactual images from distilled CGN students: single requests, single "
+                              "mechanisms and bulk dataset jobs.")
+    app.state.gateway = gw
+    app.include_router(router)
+
+    @app.middleware("http")
+    async def observe(request: Request, call_next):
+        started = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        gw.metrics.observe(route.path if route else "unmatched", request.method, response.status_code,
+                           time.perf_counter() - started)
+        return response
+
+    @app.exception_handler(ServiceError)
+    async def service_error(_: Request, exc: ServiceError):
+        return JSONResponse({"error": exc.message}, status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(redis.exceptions.ConnectionError)
+    @app.exception_handler(redis.exceptions.TimeoutError)
+    async def redis_down(_: Request, exc: redis.exceptions.RedisError):
+        return JSONResponse({"error": f"Redis at {redis_location(settings.redis_url)} is unreachable ({exc}); "
+                                      "retry shortly"}, status_code=503, headers={"Retry-After": "5"})
+
+    app.add_exception_handler(RequestValidationError, validation_error)
+    return app

@@ -1,0 +1,83 @@
+"""The gateway's view of the model repository: which families and versions exist, and what LATEST names now.
+
+A request's version is resolved here, when it is accepted, and travels with the task: a worker that has
+meanwhile seen a newer LATEST still renders the version the request started with. Reads files only.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from core.manifest import (
+    ManifestError, latest_version, list_families, list_versions, load_manifest, manifest_sha256, resolve_version,
+)
+
+
+class UnknownModel(LookupError):
+    """No family of that name in the model repository."""
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    family: str
+    version: str
+    manifest: dict
+    manifest_sha256: str
+
+    @property
+    def label_count(self) -> int:
+        return int(self.manifest["labels"]["count"])
+
+    @property
+    def mechanisms(self) -> list[str]:
+        return list(self.manifest["mechanisms"])
+
+    @property
+    def noise_dim(self) -> int:
+        return int(self.manifest["noise"]["dim"])
+
+
+class ModelCatalog:
+    def __init__(self, models_dir: Path):
+        self.models_dir = Path(models_dir)
+
+    def resolve(self, family: str, version: str | None = None) -> ResolvedModel:
+        """The version to serve (LATEST when None); raises UnknownModel, VersionNotFound or ManifestError."""
+        families = list_families(self.models_dir)
+        if family not in families:
+            raise UnknownModel(f"unknown model {family!r}; available models: {', '.join(families) or 'none'}")
+        version, directory = resolve_version(self.models_dir, family, version)
+        return ResolvedModel(family, version, load_manifest(directory), manifest_sha256(directory))
+
+    def describe(self) -> list[dict]:
+        """Families, their versions and the manifest essentials, for GET /models."""
+        out = []
+        for family in list_families(self.models_dir):
+            try:
+                latest = latest_version(self.models_dir, family)
+            except ManifestError:
+                latest = None
+            versions = []
+            for version in list_versions(self.models_dir, family):
+                directory = self.models_dir / family / version
+                try:
+                    manifest = load_manifest(directory)
+                except ManifestError as exc:
+                    versions.append({"version": version, "error": str(exc)})
+                    continue
+                versions.append({
+                    "version": version,
+                    "latest": version == latest,
+                    "created": manifest["created"],
+                    "manifest_sha256": manifest_sha256(directory),
+                    "teacher": manifest["teacher"].get("name"),
+                    "image_size": manifest["image_size"],
+                    "labels": manifest["labels"],
+                    "noise": manifest["noise"],
+                    "texture_shuffle": manifest["texture_shuffle"],
+                    "mechanisms": list(manifest["mechanisms"]),
+                    "fused": bool(manifest.get("fused")),
+                    "metrics": manifest.get("metrics", {}),
+                })
+            out.append({"name": family, "latest": latest, "versions": versions})
+        return out

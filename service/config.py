@@ -1,0 +1,81 @@
+"""Settings of the gateway and the workers, read from SKDCGN_* environment variables.
+
+Both sides read the same variables, so a gateway and its workers agree on Redis, the model repository,
+the data directory and the job chunking as long as they share one environment. Imports nothing heavy:
+worker images install this package without FastAPI.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PREFIX = "SKDCGN_"
+
+
+class SettingsError(ValueError):
+    """An SKDCGN_* variable holds a value the service cannot use."""
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(PREFIX + name, default)
+
+
+def _number(name: str, default, kind=int, minimum=None):
+    raw = _env(name, str(default))
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise SettingsError(f"{PREFIX}{name}={raw!r} is not a valid {kind.__name__}") from None
+    if minimum is not None and value < minimum:
+        raise SettingsError(f"{PREFIX}{name}={raw!r} must be at least {minimum}")
+    return value
+
+
+@dataclass(frozen=True)
+class Settings:
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    # The batch cache; in production a separate Redis with allkeys-lru so eviction never touches broker keys.
+    cache_url: str = "redis://127.0.0.1:6379/0"
+    models_dir: Path = Path("models")
+    data_dir: Path = Path("data")
+    default_model: str = "double_colored_mnist"
+    max_n: int = 64  # images per synchronous request
+    max_job_n: int = 1_000_000
+    queue_bound: int = 64  # interactive tasks waiting before the gateway answers 429
+    job_queue_bound: int = 10_000  # job chunks waiting before POST /jobs answers 429
+    sync_timeout_s: float = 30.0
+    cache_ttl_s: int = 3600
+    cache_max_entry_bytes: int = 4 << 20
+    api_keys: frozenset[str] = field(default_factory=frozenset)
+    visibility_timeout_s: int = 3600  # a task unacknowledged this long is redelivered: keep it above a chunk's time
+    job_chunk_size: int = 1000
+    batch_size: int = 256  # samples per onnxruntime call inside a job chunk
+    heartbeat_ttl_s: float = 10.0
+    ort_threads: int = 0  # onnxruntime intra-op threads; 0 lets onnxruntime decide
+    models_loaded_max: int = 3  # versions a worker keeps loaded (LRU)
+
+    @classmethod
+    def from_env(cls) -> "Settings":
+        redis_url = _env("REDIS_URL", cls.redis_url)
+        return cls(
+            redis_url=redis_url,
+            cache_url=_env("CACHE_URL", redis_url),
+            models_dir=Path(_env("MODELS_DIR", str(cls.models_dir))),
+            data_dir=Path(_env("DATA_DIR", str(cls.data_dir))),
+            default_model=_env("DEFAULT_MODEL", cls.default_model),
+            max_n=_number("MAX_N", cls.max_n, minimum=1),
+            max_job_n=_number("MAX_JOB_N", cls.max_job_n, minimum=1),
+            queue_bound=_number("QUEUE_BOUND", cls.queue_bound, minimum=0),
+            job_queue_bound=_number("JOB_QUEUE_BOUND", cls.job_queue_bound, minimum=0),
+            sync_timeout_s=_number("SYNC_TIMEOUT_S", cls.sync_timeout_s, float, minimum=0.1),
+            cache_ttl_s=_number("CACHE_TTL_S", cls.cache_ttl_s, minimum=0),
+            cache_max_entry_bytes=_number("CACHE_MAX_ENTRY_BYTES", cls.cache_max_entry_bytes, minimum=0),
+            api_keys=frozenset(key.strip() for key in _env("API_KEYS", "").split(",") if key.strip()),
+            visibility_timeout_s=_number("VISIBILITY_TIMEOUT_S", cls.visibility_timeout_s, minimum=1),
+            job_chunk_size=_number("JOB_CHUNK_SIZE", cls.job_chunk_size, minimum=1),
+            batch_size=_number("BATCH_SIZE", cls.batch_size, minimum=1),
+            heartbeat_ttl_s=_number("HEARTBEAT_TTL_S", cls.heartbeat_ttl_s, float, minimum=1.0),
+            ort_threads=_number("ORT_THREADS", cls.ort_threads, minimum=0),
+            models_loaded_max=_number("MODELS_LOADED_MAX", cls.models_loaded_max, minimum=1),
+        )

@@ -1,0 +1,63 @@
+"""Prometheus metrics of the gateway, plus the cluster-wide figures kept in Redis, read at scrape time.
+
+Requests, latency and cache lookups are counted by this gateway process. Queue depth, ready workers, job
+counts and images generated are shared by every gateway and worker, so they live in Redis (the stats hash
+and the queues) and are read when /metrics is scraped.
+"""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+JOB_EVENTS = ("submitted", "succeeded", "failed", "cancelled")
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class ClusterCollector:
+    """Yields the last snapshot read from Redis; `redis_up` 0 when the read failed."""
+
+    def __init__(self):
+        self.snapshot: dict | None = None
+
+    def collect(self):
+        up = GaugeMetricFamily("skdcgn_redis_up", "1 when the gateway could read Redis at this scrape")
+        up.add_metric([], 1.0 if self.snapshot is not None else 0.0)
+        yield up
+        if self.snapshot is None:
+            return
+        depth = GaugeMetricFamily("skdcgn_queue_depth", "tasks waiting in each Celery queue", labels=["queue"])
+        for queue, value in self.snapshot["queues"].items():
+            depth.add_metric([queue], value)
+        yield depth
+        workers = GaugeMetricFamily("skdcgn_workers_ready", "workers whose heartbeat is current")
+        workers.add_metric([], self.snapshot["workers"])
+        yield workers
+        stats = self.snapshot["stats"]
+        jobs = CounterMetricFamily("skdcgn_jobs", "dataset jobs by event", labels=["event"])
+        for event in JOB_EVENTS:
+            jobs.add_metric([event], float(stats.get(f"jobs_{event}", 0)))
+        yield jobs
+        images = CounterMetricFamily("skdcgn_images_generated", "images rendered by workers (jobs and requests)")
+        images.add_metric([], float(stats.get("images_generated", 0)))
+        yield images
+
+
+class GatewayMetrics:
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        self.requests = Counter("skdcgn_http_requests", "HTTP requests", ["route", "method", "status"],
+                                registry=self.registry)
+        self.latency = Histogram("skdcgn_http_request_duration_seconds", "HTTP request latency", ["route"],
+                                 buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.cache_hits = Counter("skdcgn_cache_hits", "batch-cache hits", ["endpoint"], registry=self.registry)
+        self.cache_misses = Counter("skdcgn_cache_misses", "batch-cache misses", ["endpoint"], registry=self.registry)
+        self.cluster = ClusterCollector()
+        self.registry.register(self.cluster)
+
+    def observe(self, route: str, method: str, status: int, seconds: float) -> None:
+        self.requests.labels(route, method, str(status)).inc()
+        self.latency.labels(route).observe(seconds)
+
+    def render(self, snapshot: dict | None) -> bytes:
+        self.cluster.snapshot = snapshot
+        return generate_latest(self.registry)

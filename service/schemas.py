@@ -1,0 +1,107 @@
+"""Request and response bodies of the HTTP API.
+
+Types and fixed ranges are checked here; what depends on the model (label count, noise size) or on the
+server's configuration (maximum n) is checked by the endpoint, whose messages name the valid values.
+Unknown fields are rejected, so a misspelt option fails loudly instead of being ignored.
+"""
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Mechanism = Literal["shape", "texture", "background"]
+JobFormat = Literal["npz", "png"]
+JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+SEED_MAX = 2**63 - 1
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class MaskModifiers(Strict):
+    """The paper's study of the shape mechanism; every draw is seeded by the request's seed."""
+
+    transparency: float = Field(1.0, ge=0.0, le=1.0, description="a: the mask is scaled by a (0.75 keeps 3/4)")
+    rotation_deg: float = Field(0.0, ge=0.0, le=180.0, description="r: the mask turns by an angle drawn in [-r, r]")
+    noise_std: float = Field(0.0, ge=0.0, le=1.0, description="σ: the mask gets N(0, σ²) noise, clipped to [0, 1]")
+
+
+class ModelChoice(Strict):
+    model: Optional[str] = Field(None, description="model family; the server's default family when omitted")
+    version: Optional[str] = Field(None, description="pin a version; the family's LATEST when omitted")
+
+
+class CounterfactualRequest(ModelChoice):
+    shape: int = Field(description="label of the shape (mask) mechanism")
+    texture: int = Field(description="label of the texture (foreground) mechanism")
+    background: int = Field(description="label of the background mechanism")
+    n: int = Field(1, ge=1, description="images to draw (at most the server's SKDCGN_MAX_N)")
+    seed: Optional[int] = Field(None, ge=0, le=SEED_MAX, description="random when omitted; returned in the answer")
+    mask: MaskModifiers = Field(default_factory=MaskModifiers)
+    z: Optional[dict[Mechanism, list[list[float]]]] = Field(
+        None, description="explicit noise per mechanism: n vectors each; replaces the drawn z, nothing else"
+    )
+    return_components: bool = Field(False, description="also return mask, texture and background as composed")
+    return_z: bool = Field(False, description="also return the z vectors used")
+
+
+class MechanismRequest(ModelChoice):
+    label: int
+    n: int = Field(1, ge=1)
+    seed: Optional[int] = Field(None, ge=0, le=SEED_MAX)
+    z: Optional[list[list[float]]] = Field(None, description="explicit noise: n vectors")
+    return_z: bool = False
+
+
+class LabelChoices(Strict):
+    """Labels a job may draw per mechanism; null means every label of the model."""
+
+    shape: Optional[list[int]] = Field(None, min_length=1)
+    texture: Optional[list[int]] = Field(None, min_length=1)
+    background: Optional[list[int]] = Field(None, min_length=1)
+
+
+class JobRequest(ModelChoice):
+    n: int = Field(ge=1, description="samples in the dataset (at most the server's SKDCGN_MAX_JOB_N)")
+    counterfactuals_per_shape: int = Field(
+        1, ge=1, description="k: samples i with equal i // k share the shape label and shape z of the group's first"
+    )
+    seed: Optional[int] = Field(None, ge=0, le=SEED_MAX)
+    format: JobFormat = "npz"
+    labels: LabelChoices = Field(default_factory=LabelChoices)
+    mask: MaskModifiers = Field(default_factory=MaskModifiers)
+
+
+class RenderResponse(BaseModel):
+    model: str
+    version: str
+    manifest_sha256: str
+    provider: str = Field(description="onnxruntime execution provider that rendered the images")
+    seed: int = Field(description="sample i drew its noise from numpy SeedSequence([seed, i])")
+    n: int
+    images: list[str] = Field(description="base64 PNG images")
+    components: Optional[dict[str, list[str]]] = Field(None, description="mask, texture, background (base64 PNG)")
+    z: Optional[dict[str, list[list[float]]]] = None
+    cached: bool
+
+
+class JobProgress(BaseModel):
+    done: int
+    total: int
+
+
+class JobStatus(BaseModel):
+    id: str
+    state: JobState
+    progress: JobProgress
+    model: str
+    version: str
+    format: JobFormat
+    seed: int
+    created: str
+    started: Optional[str] = None
+    finished: Optional[str] = None
+    error: Optional[str] = None
+    result_url: Optional[str] = None

@@ -1,0 +1,56 @@
+"""Small helpers the service tests share: decoding answers, waiting for jobs, reading metrics."""
+from __future__ import annotations
+
+import base64
+import io
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from core.imageio import decode
+from core.manifest import latest_version
+
+REPO = Path(__file__).resolve().parents[1]
+FAMILY = "double_colored_mnist"
+JOB_TIMEOUT_S = 90
+
+
+def images_of(payload: dict, field: str = "images") -> np.ndarray:
+    return np.stack([decode(base64.b64decode(image)) for image in payload[field]])
+
+
+def counterfactual(client: httpx.Client, **body) -> httpx.Response:
+    request = {"shape": 3, "texture": 7, "background": 1, "n": 2, "seed": 123} | body
+    return client.post("/counterfactual", json=request)
+
+
+def wait_job(client: httpx.Client, job_id: str, states=("succeeded",), timeout: float = JOB_TIMEOUT_S,
+             headers: dict | None = None) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = client.get(f"/jobs/{job_id}", headers=headers).json()
+        if status["state"] in states:
+            return status
+        assert status["state"] not in ("failed", "cancelled"), status
+        time.sleep(0.1)
+    raise AssertionError(f"job {job_id} not in {states} after {timeout} s: {status}")
+
+
+def load_npz(content: bytes) -> dict[str, np.ndarray]:
+    with np.load(io.BytesIO(content)) as data:
+        return {name: data[name] for name in data.files}
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The value of one sample of the Prometheus text format (0 when absent)."""
+    wanted = name + ("{" + ",".join(f'{key}="{value}"' for key, value in sorted(labels.items())) + "}" if labels else "")
+    for line in text.splitlines():
+        if line.startswith(wanted + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def current_version(models_dir) -> str:
+    return latest_version(models_dir, FAMILY)

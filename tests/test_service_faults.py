@@ -1,0 +1,183 @@
+"""Load and faults with real processes: a flooded queue, Redis down and back, a worker killed mid-job,
+a version promoted (and a corrupt one requested) while the service runs."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+
+from core.manifest import load_manifest, write_manifest
+from tests.service_helpers import FAMILY, counterfactual, current_version, images_of, load_npz, wait_job
+from tests.service_stack import ServiceStack
+from training.registry import promote, rollback
+
+
+def poll(check, timeout: float, what: str):
+    """Call `check` until it returns something truthy; bounded."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = check()
+        if result:
+            return result
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def test_flood_gets_429_with_retry_after_and_a_stuck_worker_504(stack):
+    """Bound 1: with the worker frozen, requests pile up; the one beyond the bound is refused at once."""
+    url = stack.start_gateway(queue_bound=1, sync_timeout_s=3)
+    worker = stack.workers["worker1"]
+    queue = stack.redis()
+    answers: list[int] = []
+    waiting: list[threading.Thread] = []
+    with httpx.Client(base_url=url, timeout=30) as http:
+        os.kill(worker.pid, signal.SIGSTOP)
+        try:
+            # One at a time, so each is admitted: fill the queue past its bound.
+            while queue.llen("interactive") <= 1:
+                assert len(waiting) < 4, "the queue does not grow while the worker is frozen"
+                def ask(seed: int = 1000 + len(waiting)) -> None:
+                    answers.append(counterfactual(http, seed=seed).status_code)
+
+                waiting.append(threading.Thread(target=ask))
+                waiting[-1].start()
+                time.sleep(0.5)
+            refused = counterfactual(http, seed=2000)
+            assert refused.status_code == 429, refused.text
+            assert int(refused.headers["retry-after"]) >= 1 and "bound 1" in refused.json()["error"]
+            for thread in waiting:
+                thread.join(timeout=10)
+            assert answers == [504] * len(waiting)  # the frozen worker never answered within the 3 s timeout
+        finally:
+            os.kill(worker.pid, signal.SIGCONT)
+        # The stale tasks expire unrendered and the gateway serves again.
+        assert poll(lambda: counterfactual(http, seed=2001).status_code == 200, 20, "service after the flood")
+
+
+@pytest.fixture(scope="module")
+def fault_stack(tmp_path_factory, models_dir):
+    """A stack of its own, with a short visibility timeout and heartbeat, for killing things."""
+    service = ServiceStack(tmp_path_factory.mktemp("faults"), models_dir, job_chunk_size=50, sync_timeout_s=10,
+                           visibility_timeout_s=3, heartbeat_ttl_s=2)
+    try:
+        yield service.start()
+    finally:
+        service.stop()
+
+
+def test_redis_down_gives_503_then_recovers(fault_stack):
+    with httpx.Client(base_url=fault_stack.url, timeout=30) as http:
+        assert counterfactual(http, seed=1).status_code == 200
+        fault_stack.stop_redis()
+        for answer in (counterfactual(http, seed=2), http.post("/jobs", json={"n": 10}), http.get("/readyz")):
+            assert answer.status_code == 503, answer.text
+            assert "Redis at 127.0.0.1" in answer.json()["error"] and answer.headers["retry-after"]
+        assert http.get("/healthz").status_code == 200  # alive, though not ready
+        assert "skdcgn_redis_up 0.0" in http.get("/metrics").text
+        fault_stack.start_redis()
+        assert poll(lambda: counterfactual(http, seed=3).status_code == 200, 45, "recovery after Redis returns")
+        assert http.get("/readyz").status_code == 200
+
+
+def test_worker_killed_mid_job_loses_nothing(fault_stack):
+    n, seed = 1500, 31
+    with httpx.Client(base_url=fault_stack.url, timeout=30) as http:
+        job_id = http.post("/jobs", json={"n": n, "seed": seed}).json()["id"]
+
+        def part_way() -> int:
+            done = http.get(f"/jobs/{job_id}").json()["progress"]["done"]
+            return done if 100 <= done <= n - 300 else 0
+
+        progress = poll(part_way, 30, "the job to be part-way")
+        fault_stack.kill_worker()
+        # With every worker gone (its heartbeat expired), requests are refused instead of queued.
+        poll(lambda: http.get("/readyz").status_code == 503, 10, "readiness to drop")
+        refused = counterfactual(http, seed=5)
+        assert refused.status_code == 503 and "no worker is up" in refused.json()["error"]
+        stalled = http.get(f"/jobs/{job_id}").json()
+        assert stalled["state"] == "running" and progress <= stalled["progress"]["done"] < n
+
+        fault_stack.start_worker()
+        status = wait_job(http, job_id, timeout=60)
+        assert status["progress"] == {"done": n, "total": n}
+        data = load_npz(http.get(status["result_url"]).content)
+        assert len(data["images"]) == n
+        np.testing.assert_array_equal(data["indices"], np.arange(n))  # no duplicates, no gaps
+        assert len(np.unique(data["images"].reshape(n, -1), axis=0)) == n
+
+        # The same job, uninterrupted and shared by two workers, is the same dataset.
+        fault_stack.start_worker("worker2")
+        reference_id = http.post("/jobs", json={"n": n, "seed": seed}).json()["id"]
+        reference = load_npz(http.get(wait_job(http, reference_id, timeout=60)["result_url"]).content)
+        for name in ("images", "labels", "indices"):
+            np.testing.assert_array_equal(reference[name], data[name])
+
+
+def new_version(models_dir, source: str, name: str, edit) -> None:
+    """Copy version `source` to `name` and let `edit(manifest, directory)` change it."""
+    directory = models_dir / FAMILY / name
+    shutil.copytree(models_dir / FAMILY / source, directory)
+    manifest = load_manifest(directory)
+    manifest["version"] = name
+    edit(manifest, directory)
+    write_manifest(directory, manifest)
+
+
+def swap_texture_and_background(manifest: dict, _directory) -> None:
+    """A visibly different model from the same files: no fused graph, texture and background students swapped."""
+    manifest["fused"] = None
+    mechanisms = manifest["mechanisms"]
+    mechanisms["texture"]["file"], mechanisms["background"]["file"] = (mechanisms["background"]["file"],
+                                                                       mechanisms["texture"]["file"])
+
+
+def test_promoted_version_is_served_without_restart(client, stack, models_dir):
+    old = current_version(models_dir)
+    new = f"{old}-swapped"
+    new_version(models_dir, old, new, swap_texture_and_background)
+    request = {"shape": 2, "texture": 6, "background": 0, "n": 2, "seed": 99}
+    before = counterfactual(client, **request).json()
+    worker_pid = client.get("/readyz").json()["workers"][0]["pid"]
+    job = client.post("/jobs", json={"n": 400, "seed": 99}).json()  # version resolved now: the old one
+    promote(models_dir, FAMILY, new)
+    try:
+        after = counterfactual(client, **request).json()
+        assert after["version"] == new
+        assert not np.array_equal(images_of(after), images_of(before))
+
+        def worker_with_new_version() -> dict | None:
+            (worker,) = client.get("/readyz").json()["workers"]
+            return worker if f"{FAMILY}/{new}" in worker["loaded"] else None
+
+        assert poll(worker_with_new_version, 10, "the worker to load the promoted version")["pid"] == worker_pid
+
+        # The job accepted before the promotion finishes on the version it started with.
+        status = wait_job(client, job["id"])
+        assert status["version"] == old
+        data = load_npz(client.get(status["result_url"]).content)
+        labels = dict(zip(("shape", "texture", "background"), (int(v) for v in data["labels"][0])))
+        pinned = counterfactual(client, **labels, n=1, seed=99, version=old).json()
+        np.testing.assert_array_equal(images_of(pinned)[0], data["images"][0])
+        latest = counterfactual(client, **labels, n=1, seed=99).json()
+        assert latest["version"] == new and not np.array_equal(images_of(latest)[0], data["images"][0])
+    finally:
+        rollback(models_dir, FAMILY)
+    assert counterfactual(client, **request).json()["version"] == old
+
+
+def test_corrupt_version_is_refused_with_a_clear_error(client, models_dir):
+    def corrupt(manifest, directory):
+        with open(directory / manifest["mechanisms"]["shape"]["file"], "ab") as handle:
+            handle.write(b"tampered")
+
+    new_version(models_dir, current_version(models_dir), "corrupt", corrupt)
+    answer = counterfactual(client, version="corrupt")
+    assert answer.status_code == 500
+    assert "fails its sha256 check" in answer.json()["error"]
+    assert client.get("/readyz").json()["ready"]  # the served version is unaffected

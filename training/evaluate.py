@@ -1,0 +1,160 @@
+"""Evaluate shipped students against their CGN teacher: fidelity and the invariant-classifier experiment.
+
+Examples:
+    python -m training.evaluate fidelity --family double_colored_mnist
+    python -m training.evaluate invariance --family double_colored_mnist --mask both            # 20k images, 6 epochs, 3 seeds
+    python -m training.evaluate invariance --family wildlife_mnist --paper-scale               # 100k images, 10 epochs
+    python -m training.evaluate invariance --family double_colored_mnist --images 2000 --epochs 1 --seeds 0
+    python -m training.evaluate all                                                           # every shipped family
+
+Results go to --results-dir as JSON and into marked sections of --results-md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from core.manifest import ManifestError, VersionNotFound, latest_version
+from training.evaluation import report
+from training.evaluation.classifier import TrainConfig
+from training.evaluation.counterfactuals import PAPER_STUDY, UNMODIFIED
+from training.evaluation.fidelity import digit_recogniser, evaluate_fidelity
+from training.evaluation.invariance import InvarianceConfig, run_experiment
+from training.evaluation.sources import load_students, teacher_source
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("SKDCGN_SHARED", REPO.parent / "shared"))
+EVALUATED_FAMILIES = ("double_colored_mnist", "wildlife_mnist")  # the families with a real-data recipe
+PAPER_SCALE = {"images": 100_000, "epochs": 10}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=["fidelity", "invariance", "all"])
+    parser.add_argument("--family", help=f"model family (default for `all`: every shipped one of {EVALUATED_FAMILIES})")
+    parser.add_argument("--models-dir", default="models", help="model repository (default models)")
+    parser.add_argument("--version", help="student version (default the family's LATEST)")
+    parser.add_argument("--teacher-path", default=str(SHARED / "teachers" / "cgn_mnist"))
+    parser.add_argument("--data-dir", default=str(SHARED / "data"), help="holds mnist/ and textures/")
+    parser.add_argument("--pairs", type=int, default=2000, help="held-out pairs for fidelity")
+    parser.add_argument("--baseline-pairs", type=int, default=5000, help="teacher samples for the class-mean baseline")
+    parser.add_argument("--recogniser-epochs", type=int, default=3, help="epochs of the digit CNN that reads masks")
+    parser.add_argument("--images", type=int, default=20_000, help="counterfactuals per arm")
+    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (data and classifier)")
+    parser.add_argument("--per-shape", type=int, default=10, help="counterfactuals per mask")
+    parser.add_argument("--paper-scale", action="store_true", help="100,000 images and 10 epochs, as in CGN")
+    parser.add_argument("--mask", choices=["unmodified", "modified", "both"], default="both",
+                        help="modified: noise σ 0.1, rotation ±90°, transparency 0.75 (the shape study)")
+    parser.add_argument("--arms", default="real,teacher,student", help="which arms to train (real, teacher, student)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch and onnxruntime threads (0: their defaults; 1 is much faster on a busy CPU)")
+    parser.add_argument("--results-dir", default="benchmarks/results")
+    parser.add_argument("--results-md", default="docs/RESULTS.md")
+    parser.add_argument("--note", default="", help="a line added under each written section (e.g. 'dev model')")
+    args = parser.parse_args(argv)
+    if args.paper_scale:
+        args.images, args.epochs = PAPER_SCALE["images"], PAPER_SCALE["epochs"]
+    args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    args.arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    if set(args.arms) - {"real", "teacher", "student"} or not args.seeds:
+        parser.error("--arms takes real, teacher, student; --seeds needs at least one seed")
+    if args.command != "all" and not args.family:
+        parser.error(f"{args.command} needs --family")
+    return args
+
+
+def version_note(students, note: str) -> str:
+    text = f"Students: `{students.directory}` (created {students.manifest['created']})."
+    return f"{text} {note}".strip()
+
+
+def run_fidelity(args: argparse.Namespace, family: str) -> None:
+    students = load_students(args.models_dir, family, args.version, args.threads)
+    result = evaluate_fidelity(teacher_source(family, args.teacher_path), students.source(), family, args.pairs,
+                               args.data_dir, Path(args.data_dir) / "textures", args.baseline_pairs,
+                               recogniser=digit_recogniser(args.data_dir, args.recogniser_epochs))
+    result.update(family=family, version=students.version, models_dir=str(students.directory))
+    report.write_json(Path(args.results_dir) / f"fidelity_{family}.json", result)
+    grid = None
+    if (students.directory / "teacher_vs_student.png").is_file():
+        target = Path(args.results_md).parent / f"teacher_vs_student_{family}.png"
+        shutil.copyfile(students.directory / "teacher_vs_student.png", target)
+        grid = target.name
+    body = report.fidelity_markdown(family, students.version, result, grid)
+    report.update_section(args.results_md, f"fidelity-{family}", body + "\n\n" + version_note(students, args.note))
+    print(body)
+
+
+def run_invariance(args: argparse.Namespace, family: str) -> None:
+    sources = {}
+    if "teacher" in args.arms:
+        sources["teacher"] = teacher_source(family, args.teacher_path)
+    if "student" in args.arms:
+        sources["student"] = load_students(args.models_dir, family, args.version, args.threads).source()
+    config = InvarianceConfig(images=args.images, per_shape=args.per_shape, seeds=args.seeds,
+                              train=TrainConfig(epochs=args.epochs))
+    studies = {"unmodified": [UNMODIFIED], "modified": [PAPER_STUDY], "both": [UNMODIFIED, PAPER_STUDY]}[args.mask]
+    for modifiers in studies:
+        # The real arm does not depend on the mask setting: train it once, beside the unmodified study.
+        include_real = "real" in args.arms and (modifiers == UNMODIFIED or args.mask == "modified")
+        result = run_experiment(family, sources, config, modifiers, include_real, args.data_dir,
+                                Path(args.data_dir) / "textures")
+        path = Path(args.results_dir) / f"invariance_{family}_{modifiers.name}.json"
+        result = merge_arms(path, result)
+        report.write_json(path, result)
+        body = report.invariance_markdown(result, args.note)
+        report.update_section(args.results_md, f"invariance-{family}-{modifiers.name}", body)
+        print(body)
+
+
+def merge_arms(path: Path, result: dict) -> dict:
+    """Keep arms of an earlier run with identical settings that this run did not train (arms may run separately)."""
+    if not path.is_file():
+        return result
+    earlier = json.loads(path.read_text())
+    if (earlier.get("config"), earlier.get("mask")) != (result["config"], result["mask"]):
+        return result
+    merged = dict(result)
+    merged["arms"] = {**earlier["arms"], **result["arms"]}
+    merged["sources"] = {**earlier.get("sources", {}), **result["sources"]}
+    merged["real_images"] = max(earlier.get("real_images", 0), result["real_images"])
+    return merged
+
+
+def shipped_families(models_dir: str) -> list[str]:
+    families = []
+    for family in EVALUATED_FAMILIES:
+        try:
+            latest_version(models_dir, family)
+            families.append(family)
+        except ManifestError:
+            print(f"skipping {family}: no shipped version in {models_dir}", file=sys.stderr)
+    return families
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    families = [args.family] if args.family else shipped_families(args.models_dir)
+    try:
+        for family in families:
+            if args.command in ("fidelity", "all"):
+                run_fidelity(args, family)
+            if args.command in ("invariance", "all"):
+                run_invariance(args, family)
+    except (ManifestError, VersionNotFound, ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

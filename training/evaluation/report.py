@@ -1,0 +1,110 @@
+"""Results as JSON files and as marked sections of docs/RESULTS.md that each run rewrites in place.
+
+Evaluation and benchmarks each own their sections (`<!-- results:NAME -->` … `<!-- /results:NAME -->`), so
+rerunning one never clobbers another's tables.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Sequence
+
+from core.atomic import write_text_atomic
+
+RESULTS_HEADER = "# Results\n\nMeasured numbers; each section says exactly what was run. Regenerate with `make eval` / `make bench`.\n"
+
+
+def write_json(path: str | os.PathLike, payload: dict) -> Path:
+    path = Path(path)
+    write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def update_section(markdown_path: str | os.PathLike, name: str, body: str) -> None:
+    """Replace section `name` of the results file (append it when new); the file is created if missing."""
+    path = Path(markdown_path)
+    text = path.read_text() if path.is_file() else RESULTS_HEADER
+    start, end = f"<!-- results:{name} -->", f"<!-- /results:{name} -->"
+    block = f"{start}\n{body.strip()}\n{end}"
+    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.S)
+    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
+    write_text_atomic(path, text)
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(" --- " for _ in headers) + "|"]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def pm(summary: dict, digits: int = 1) -> str:
+    return f"{summary['mean']:.{digits}f} ± {summary['std']:.{digits}f}"
+
+
+def fidelity_markdown(family: str, version: str, result: dict, grid: str | None = None) -> str:
+    mech = result["mechanisms"]
+    rows = []
+    for m, metric, fmt in (("shape", "mask_iou", ".3f"), ("shape", "l1", ".4f"), ("texture", "l1", ".4f"),
+                           ("texture", "psnr", ".1f"), ("background", "l1", ".4f"), ("background", "psnr", ".1f")):
+        student, baseline = mech[m]["student"][metric], mech[m]["class_mean_baseline"][metric]
+        ratio = f"{student / baseline:.2f}" if metric == "l1" else ""
+        rows.append([m, metric, format(student, fmt), format(baseline, fmt), ratio])
+    comp = result["composite"]
+    rec, match = result["recognisability"], result["label_match"]
+    recogniser = rec["recogniser"]
+    lines = [
+        f"### Fidelity: {family}/{version} vs its teacher",
+        "",
+        f"{result['pairs']:,} held-out (z, y) pairs (seed {result['heldout_seed']}); class-mean baseline from "
+        f"{result['baseline_pairs']:,} other teacher samples.",
+        "",
+        table(["mechanism", "metric", "student", "class-mean baseline", "L1 ratio (aim ≤ 0.6)"], rows),
+        "",
+        f"Composed counterfactuals (identical noise, shuffles, labels): L1 {comp['l1']:.4f}, "
+        f"PSNR {comp['psnr']:.1f} dB, mask IoU {comp['mask_iou']:.3f}.",
+        "",
+        table(["label check", "teacher %", "student %"], [
+            ["mask shows its shape label (digit CNN)", f"{rec['teacher']:.1f}", f"{rec['student']:.1f}"],
+            [f"texture wears its label ({match['method']})", f"{match['texture']['teacher']:.1f}",
+             f"{match['texture']['student']:.1f}"],
+            [f"background wears its label ({match['method']})", f"{match['background']['teacher']:.1f}",
+             f"{match['background']['student']:.1f}"],
+        ]),
+        "",
+        f"Digit CNN: trained on {recogniser['trained_on']} ({recogniser['epochs']} epochs), "
+        f"{recogniser['accuracy_on_t10k[5000:]']:.1f} % on real t10k[5000:].",
+    ]
+    if grid:
+        lines += ["", f"Teacher (upper) vs student (lower) rows per mechanism, one column per label: ![{family}]({grid})"]
+    return "\n".join(lines)
+
+
+ARM_TITLES = {"real": "real digits, biased (t10k[:5000], label colours)", "teacher": "teacher counterfactuals",
+              "student": "student counterfactuals (ONNX)"}
+
+
+def invariance_markdown(result: dict, note: str = "") -> str:
+    config, mask = result["config"], result["mask"]
+    rows = [[ARM_TITLES.get(name, name), pm(arm["train_accuracy"]), pm(arm["test_accuracy"]), len(arm["runs"])]
+            for name, arm in result["arms"].items()]
+    setting = ("unmodified masks" if mask["setting"] == "unmodified" else
+               f"modified masks (noise σ {mask['noise_std']:g}, rotation ±{mask['rotation_deg']:g}°, "
+               f"transparency {mask['transparency']:g})")
+    train = config["train"]
+    lines = [
+        f"### Invariant classifier: {result['family']}, {setting}",
+        "",
+        f"Run: {config['images']:,} counterfactuals per arm ({config['per_shape']} per mask), seeds "
+        f"{config['seeds']}, SmallCNN (67,064 parameters), Adadelta lr {train['lr']:g}, StepLR γ {train['gamma']:g}, "
+        f"batch {train['batch_size']}, {train['epochs']} epochs. Test: {result['test_images']:,} t10k[5000:] digits "
+        "with random colours/textures. Accuracy % as mean ± std (ddof 1) over seeds.",
+        "",
+        table(["training data", "train %", "test %", "runs"], rows),
+        "",
+        "Generators: " + ", ".join(f"{arm} = `{name}`" for arm, name in result["sources"].items()) + ".",
+    ]
+    if note:
+        lines += ["", note]
+    return "\n".join(lines)

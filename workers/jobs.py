@@ -1,0 +1,190 @@
+"""Dataset jobs on the worker side: render a chunk to disk, and assemble the result once every chunk is there.
+
+A chunk is a pure function of the job spec and its index (noise and labels come from per-sample seeds),
+so rendering it twice, on any worker, writes the same file: a chunk redelivered after a crash is harmless.
+Chunk files are written under a temporary name and renamed; the result is assembled under a Redis lock,
+and the job's state moves to `succeeded` only once, through the transition script.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import shutil
+import tarfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import redis
+
+from core.atomic import atomic_path, write_text_atomic
+from core.imageio import encode
+from core.noise import draw_labels, draw_sample_noise
+from service.config import Settings
+from workers.engine import LoadedModel, MaskModifiers, ModelRegistry, counterfactual_batch
+from workers.protocol import (
+    ACTIVE_STATES, FAILED, QUEUED, RESULT_NAMES, RUNNING, STATS_KEY, SUCCEEDED, chunk_bounds, job_chunks_key, job_dir,
+    job_key, job_lock_key, now_iso, transition_args,
+)
+
+logger = logging.getLogger(__name__)
+CHUNK_ARRAYS = ("images", "labels", "indices")
+SEED_RULE = (
+    "sample i draws its noise from numpy SeedSequence([seed, i]) and its labels from SeedSequence([seed, i, 1]); "
+    "with counterfactuals_per_shape k, sample i takes the shape label and shape z of sample k * (i // k)"
+)
+
+
+class AssemblyError(RuntimeError):
+    """The chunk files on disk do not add up to the job's samples."""
+
+
+def sample_inputs(model: LoadedModel, job: dict, index: int) -> tuple[dict, dict | None]:
+    """Labels and z override of sample `index`: counterfactuals of one group share their first sample's shape."""
+    labels = draw_labels(job["seed"], index, job["labels"])
+    first = index - index % job["counterfactuals_per_shape"]
+    if first == index:
+        return labels, None
+    labels["shape"] = draw_labels(job["seed"], first, job["labels"])["shape"]
+    shape_z = draw_sample_noise(job["seed"], first, model.noise_spec, model.image_size).z["shape"]
+    return labels, {"shape": shape_z}
+
+
+def render_chunk_arrays(model: LoadedModel, job: dict, chunk: int, batch_size: int) -> dict[str, np.ndarray]:
+    start, stop = chunk_bounds(chunk, job["chunk_size"], job["n"])
+    modifiers = MaskModifiers(**job["mask"])
+    images, labels = [], []
+    for batch_start in range(start, stop, batch_size):
+        indices = range(batch_start, min(batch_start + batch_size, stop))
+        inputs = [sample_inputs(model, job, index) for index in indices]
+        batch_images, _, _ = counterfactual_batch(
+            model, job["seed"], indices, [item[0] for item in inputs], modifiers, [item[1] for item in inputs]
+        )
+        images.append(batch_images)
+        labels += [[item[0]["shape"], item[0]["texture"], item[0]["background"]] for item in inputs]
+    return {"images": np.concatenate(images), "labels": np.asarray(labels, np.int64),
+            "indices": np.arange(start, stop, dtype=np.int64)}
+
+
+def chunk_path(directory: Path, chunk: int) -> Path:
+    return directory / "chunks" / f"{chunk:06d}.npz"
+
+
+def write_chunk(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        np.savez(handle, **arrays)
+
+
+def provenance(job: dict) -> dict:
+    return {
+        "job_id": job["id"], "request": job["request"], "model": job["family"], "version": job["version"],
+        "manifest_sha256": job["manifest_sha256"], "seed": job["seed"], "samples": job["n"],
+        "counterfactuals_per_shape": job["counterfactuals_per_shape"], "labels": job["labels"], "mask": job["mask"],
+        "sample_seeds": SEED_RULE, "created": job["created"], "assembled": now_iso(),
+    }
+
+
+def _write_npz(target: Path, chunk_paths: list[Path], n: int, provenance_text: str) -> None:
+    """Stream the chunks into one npz (uncompressed zip of .npy members) without holding the dataset in memory."""
+    with np.load(chunk_paths[0]) as first:
+        layout = {name: (first[name].dtype, first[name].shape[1:]) for name in CHUNK_ARRAYS}
+    with zipfile.ZipFile(target, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+        for name, (dtype, tail) in layout.items():
+            rows = 0
+            with archive.open(f"{name}.npy", "w", force_zip64=True) as member:
+                header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": (n, *tail)}
+                np.lib.format.write_array_header_1_0(member, header)
+                for path in chunk_paths:
+                    with np.load(path) as chunk:
+                        block = np.ascontiguousarray(chunk[name], dtype=dtype)
+                    rows += len(block)
+                    member.write(block.tobytes())
+            if rows != n:
+                raise AssemblyError(f"chunks hold {rows} rows of {name!r}, the job asked for {n}")
+        with archive.open("provenance.npy", "w") as member:
+            np.save(member, np.array(provenance_text))
+
+
+def _add_bytes(archive: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    archive.addfile(info, io.BytesIO(data))
+
+
+def _write_tar(target: Path, chunk_paths: list[Path], job: dict, provenance_text: str) -> None:
+    """PNG files plus labels.csv (file, labels, seed and sample index) and provenance.json, in one tar."""
+    width = max(6, len(str(job["n"] - 1)))
+    rows = ["file,shape,texture,background,seed,index"]
+    with tarfile.open(target, "w") as archive:
+        for path in chunk_paths:
+            with np.load(path) as chunk:
+                for image, (shape, texture, background), index in zip(chunk["images"], chunk["labels"], chunk["indices"]):
+                    name = f"images/{index:0{width}d}.png"
+                    _add_bytes(archive, name, encode(image))
+                    rows.append(f"{name},{shape},{texture},{background},{job['seed']},{index}")
+        if len(rows) - 1 != job["n"]:
+            raise AssemblyError(f"chunks hold {len(rows) - 1} samples, the job asked for {job['n']}")
+        _add_bytes(archive, "labels.csv", ("\n".join(rows) + "\n").encode())
+        _add_bytes(archive, "provenance.json", provenance_text.encode())
+
+
+def assemble(directory: Path, job: dict) -> Path:
+    paths = [chunk_path(directory, chunk) for chunk in range(job["chunks"])]
+    missing = [path.name for path in paths if not path.is_file()]
+    if missing:
+        raise AssemblyError(f"chunk files missing: {', '.join(missing[:5])}")
+    provenance_text = json.dumps(provenance(job), indent=2)
+    target = directory / RESULT_NAMES[job["format"]]
+    with atomic_path(target) as tmp:
+        if job["format"] == "npz":
+            _write_npz(tmp, paths, job["n"], provenance_text)
+        else:
+            _write_tar(tmp, paths, job, provenance_text)
+    write_text_atomic(directory / "provenance.json", provenance_text + "\n")
+    return target
+
+
+def run_chunk(client: redis.Redis, registry: ModelRegistry, settings: Settings, job: dict, chunk: int) -> None:
+    """Render chunk `chunk` of `job` unless the job has ended; the worker finishing the last chunk assembles."""
+    job_id = job["id"]
+    if client.hget(job_key(job_id), "state") not in ACTIVE_STATES:
+        return  # cancelled, failed, or a redelivered duplicate of an already finished job
+    client.eval(*transition_args(job_id, (QUEUED,), {"state": RUNNING, "started": now_iso()}))
+    directory = job_dir(settings.data_dir, job_id)
+    try:
+        model = registry.get(job["family"], job["version"], job["manifest_sha256"])
+        arrays = render_chunk_arrays(model, job, chunk, settings.batch_size)
+        write_chunk(chunk_path(directory, chunk), arrays)
+        pipe = client.pipeline()
+        pipe.sadd(job_chunks_key(job_id), chunk).scard(job_chunks_key(job_id))
+        pipe.hincrby(STATS_KEY, "images_generated", len(arrays["images"]))
+        done = pipe.execute()[1]
+        if done == job["chunks"]:
+            _assemble_once(client, settings, job, directory)
+    except Exception as exc:
+        logger.exception("job %s chunk %d failed", job_id, chunk)
+        failed = {"state": FAILED, "error": f"{type(exc).__name__}: {exc}", "finished": now_iso()}
+        if client.eval(*transition_args(job_id, ACTIVE_STATES, failed)):
+            client.hincrby(STATS_KEY, "jobs_failed", 1)
+
+
+def _assemble_once(client: redis.Redis, settings: Settings, job: dict, directory: Path) -> None:
+    # The lock expires with the visibility timeout: if this worker dies while assembling, its chunk task
+    # comes back after that timeout and the redelivered task finds the lock free.
+    lock = client.lock(job_lock_key(job["id"]), timeout=settings.visibility_timeout_s, blocking=False)
+    if not lock.acquire():
+        return
+    try:
+        if client.hget(job_key(job["id"]), "state") not in ACTIVE_STATES:
+            return
+        result = assemble(directory, job)
+        finished = {"state": SUCCEEDED, "finished": now_iso(), "result_bytes": result.stat().st_size}
+        if client.eval(*transition_args(job["id"], ACTIVE_STATES, finished)):
+            client.hincrby(STATS_KEY, "jobs_succeeded", 1)
+            shutil.rmtree(directory / "chunks", ignore_errors=True)
+    finally:
+        try:
+            lock.release()
+        except redis.exceptions.LockError:
+            pass  # expired while assembling; the state transition above already guards against a second result

@@ -1,0 +1,67 @@
+"""A worker's background threads: follow each family's LATEST, and announce the worker to the gateway.
+
+The watcher loads (and warms up) every family's LATEST version at start and whenever LATEST changes, so a
+promoted version is served without a restart. The heartbeat is a Redis key with a TTL naming the provider
+and the loaded versions; it appears only after the first load finished, which is what "ready" means to the
+gateway, and it disappears by itself when the worker dies.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+
+import redis
+
+from service.config import Settings
+from workers.engine import ModelRegistry
+from workers.protocol import WORKER_PREFIX, now_iso
+
+logger = logging.getLogger(__name__)
+WATCH_INTERVAL_S = 1.0
+
+
+class WorkerPresence:
+    def __init__(self, registry: ModelRegistry, settings: Settings, name: str):
+        self.registry, self.settings, self.name = registry, settings, name
+        self.key = f"{WORKER_PREFIX}{name}"
+        self.ready = threading.Event()
+        self._served: dict[str, str] = {}  # family -> the LATEST version last loaded (or tried)
+
+    def start(self) -> None:
+        threading.Thread(target=self._watch, name="model-watcher", daemon=True).start()
+        threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True).start()
+
+    def _follow_latest(self) -> None:
+        for family, version in self.registry.latest_versions().items():
+            if self._served.get(family) == version:
+                continue
+            self._served[family] = version  # a broken version is reported once, not retried every second
+            try:
+                self.registry.get(family, version)
+            except Exception:
+                logger.exception("cannot load %s/%s named by LATEST; requests for it will fail", family, version)
+
+    def _watch(self) -> None:
+        while True:
+            try:
+                self._follow_latest()
+            except Exception:
+                logger.exception("scanning the model repository %s failed", self.registry.models_dir)
+            self.ready.set()
+            time.sleep(WATCH_INTERVAL_S)
+
+    def _heartbeat(self) -> None:
+        self.ready.wait()
+        client = redis.Redis.from_url(self.settings.redis_url, socket_timeout=5, socket_connect_timeout=2)
+        period = self.settings.heartbeat_ttl_s / 3
+        while True:
+            beat = {"name": self.name, "pid": os.getpid(), "provider": self.registry.provider_in_use(),
+                    "loaded": self.registry.loaded(), "updated": now_iso()}
+            try:
+                client.set(self.key, json.dumps(beat), px=int(self.settings.heartbeat_ttl_s * 1000))
+            except redis.RedisError as exc:
+                logger.warning("heartbeat to Redis failed (%s); retrying", exc)
+            time.sleep(period)
