@@ -206,7 +206,6 @@ def measure(steps_for_batch: Callable[[int], dict[str, Callable]], batches, min_
 
 
 def run(args: argparse.Namespace) -> dict:
-    torch.set_grad_enabled(False)
     students = load_students(args.models_dir, args.family, args.version, args.threads)
     noise = NoiseSpec.from_manifest(students.manifest["noise"])
     shuffle = bool(students.manifest["texture_shuffle"])

@@ -118,9 +118,9 @@ async def run_job(client: httpx.AsyncClient, model: str, n: int, seed: int, time
             "images_per_second": n / elapsed if state == "succeeded" else None}
 
 
-def raw_onnxruntime(models_dir: str, family: str, n: int, batch: int = 256) -> dict:
+def raw_onnxruntime(models_dir: str, family: str, n: int, batch: int = 256, threads: int = 0) -> dict:
     """The same students without the service: fused graph only, and with noise, composition and uint8 as a job does."""
-    students = load_students(models_dir, family)
+    students = load_students(models_dir, family, threads=threads)
     spec = NoiseSpec.from_manifest(students.manifest["noise"])
     shuffle = bool(students.manifest["texture_shuffle"])
     size = int(students.manifest["image_size"])
@@ -171,7 +171,9 @@ async def benchmark(url: str, model: str, concurrencies=CONCURRENCY, max_request
             misses = await generate_load(client, lambda i: counterfactual_payload(model, base + HIT_POOL + i),
                                          concurrency, max_requests, max_seconds)
             for i in range(HIT_POOL):  # fill the cache with the pool the hit phase repeats
-                await client.post("/counterfactual", json=counterfactual_payload(model, base + i))
+                response = await client.post("/counterfactual", json=counterfactual_payload(model, base + i))
+                if response.status_code == 200:
+                    result["version"] = response.json().get("version")
             hits = await generate_load(client, lambda i: counterfactual_payload(model, base + i % HIT_POOL),
                                        concurrency, max_requests, max_seconds)
             result["levels"].append({"concurrency": concurrency, "miss": misses, "hit": hits})
@@ -185,10 +187,10 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def start_service(models_dir: str, logs: Path) -> tuple[subprocess.Popen, str]:
+def start_service(models_dir: str, logs: Path, threads: int) -> tuple[subprocess.Popen, str]:
     """`python -m service.run_local` on free ports with its own Redis; stop it with stop_service."""
     port, redis_port = free_port(), free_port()
-    env = dict(os.environ, SKDCGN_MODELS_DIR=str(Path(models_dir).resolve()),
+    env = dict(os.environ, SKDCGN_MODELS_DIR=str(Path(models_dir).resolve()), SKDCGN_ORT_THREADS=str(threads),
                SKDCGN_REDIS_URL=f"redis://127.0.0.1:{redis_port}/0", SKDCGN_DATA_DIR=str(logs / "data"))
     process = subprocess.Popen([sys.executable, "-m", "service.run_local", "--port", str(port), "--logs", str(logs)],
                                env=env, stdout=open(logs / "run_local.log", "ab"), stderr=subprocess.STDOUT)
@@ -205,7 +207,7 @@ def stop_service(process: subprocess.Popen) -> None:
         process.wait()
 
 
-def markdown(result: dict, plot: str) -> str:
+def markdown(result: dict, plot: str, note: str = "") -> str:
     rows = []
     for level in result["levels"]:
         for kind in ("miss", "hit"):
@@ -216,11 +218,12 @@ def markdown(result: dict, plot: str) -> str:
                          ", ".join(f"{k}: {v}" for k, v in sorted(r["statuses"].items()))])
     job, raw = result["job"], result.get("raw_onnxruntime")
     lines = [
-        f"### Serving benchmark: {result['model']}",
+        f"### Serving benchmark: {result['model']}/{result.get('version')}",
         "",
         f"Load generator (httpx, loopback) against `{result['url']}`; each phase stops after "
         f"{result['max_requests']} requests or {result['max_seconds']:g} s. Misses: a new seed per request; hits: "
-        f"{HIT_POOL} requests sent once, then repeated. POST /counterfactual with n = 1.",
+        f"{HIT_POOL} requests sent once, then repeated. POST /counterfactual with n = 1. onnxruntime threads "
+        f"(worker and raw run): {result.get('onnxruntime_threads') or 'onnxruntime default'}.",
         "",
         report.table(["concurrency", "cache", "ok", "sent", "p50 ms", "p95 ms", "p99 ms", "req/s", "cached answers",
                       "statuses"], rows),
@@ -234,6 +237,8 @@ def markdown(result: dict, plot: str) -> str:
                      f"{raw['with_noise_and_composition_images_per_second']:,.0f} images/s with noise, composition "
                      "and uint8.")
     lines += ["", f"![latency percentiles]({plot})"]
+    if note:
+        lines += ["", note]
     return "\n".join(lines)
 
 
@@ -273,6 +278,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-seconds", type=float, default=15.0, help="per phase")
     parser.add_argument("--job-n", type=int, default=2000)
     parser.add_argument("--job-timeout", type=float, default=300.0)
+    parser.add_argument("--threads", type=int, default=0,
+                        help="onnxruntime threads of the started worker and of the raw comparison (0: its default)")
+    parser.add_argument("--note", default="", help="a line added under the written section")
     parser.add_argument("--results-dir", default="benchmarks/results")
     parser.add_argument("--results-md", default="docs/RESULTS.md")
     args = parser.parse_args(argv)
@@ -281,10 +289,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         url = args.url
         if args.start:
-            process, url = start_service(args.models_dir, logs)
+            process, url = start_service(args.models_dir, logs, args.threads)
         result = asyncio.run(benchmark(url, args.model, concurrencies, args.max_requests, args.max_seconds,
                                        args.job_n, args.job_timeout, ready_timeout_s=180.0))
-        result["raw_onnxruntime"] = raw_onnxruntime(args.models_dir, args.model, args.job_n)
+        result["onnxruntime_threads"] = args.threads
+        result["raw_onnxruntime"] = raw_onnxruntime(args.models_dir, args.model, args.job_n, threads=args.threads)
     except (BenchmarkError, httpx.HTTPError) as exc:
         print(f"error: {exc} (service logs, when started here: {logs})", file=sys.stderr)
         return 1
@@ -294,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     report.write_json(Path(args.results_dir) / f"serving_{args.model}.json", result)
     plot_path = Path(args.results_md).parent / f"latency_{args.model}.png"
     plot(result, plot_path)
-    body = markdown(result, plot_path.name)
+    body = markdown(result, plot_path.name, args.note)
     report.update_section(args.results_md, f"bench-serving-{args.model}", body)
     print(body)
     return 0

@@ -3,20 +3,24 @@
 A synchronous request is validated against the model it names (resolved to a version now, so it finishes on
 that version whatever LATEST says later), looked up in the batch cache, and otherwise sent to a worker
 whose answer arrives on a Redis reply list. Dataset jobs are split into chunks that workers render in
-parallel; their state lives in Redis and their files in the data directory.
+parallel; their state lives in Redis and their files in the data directory. Every answer names the model
+family, version and manifest sha256 it came from, in its body or, for files and PNGs, in its headers.
 """
 from __future__ import annotations
 
+import asyncio
 import base64
+import json
 import secrets
 import time
 import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import redis.exceptions
-from fastapi import APIRouter, Depends, FastAPI, Header, Request
+from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -24,17 +28,17 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from core.imageio import decode, encode, grid
 from core.manifest import ManifestError, VersionNotFound
 from core.noise import MECHANISMS
-from service.broker import Broker, ServiceError, cache_key, redis_location
+from service.broker import Broker, ServiceError, cache_key, redis_location, refusals
 from service.catalog import ModelCatalog, ResolvedModel, UnknownModel
 from service.config import Settings
+from service.jobstore import JobStore
 from service.metrics import GatewayMetrics
 from service.schemas import (
-    CounterfactualRequest, JobRequest, JobStatus, Mechanism, MechanismRequest, RenderResponse,
+    CounterfactualRequest, JobList, JobRequest, JobState, JobStatus, Mechanism, MechanismRequest, RenderResponse,
 )
 from workers.protocol import (
-    ACTIVE_STATES, CANCELLED, CHUNK_TASK, INTERACTIVE_QUEUE, JOB_ID_PATTERN, JOBS_QUEUE, QUEUED, RENDER_TASK,
-    STATS_KEY, SUCCEEDED, chunk_count, chunk_task_id, done_samples, job_chunks_key, job_key, now_iso, result_path,
-    transition_args,
+    ACTIVE_STATES, CANCELLED, CHUNK_TASK, INTERACTIVE_QUEUE, JOBS_QUEUE, PUBLIC_OWNER, QUEUED, RENDER_TASK, SUCCEEDED,
+    chunk_count, chunk_task_id, discard_chunks, now_iso, owner_of, result_paths, shard_count, transition_args,
 )
 
 RANDOM_SEED_BITS = 32  # seeds the gateway picks stay exact in JavaScript clients
@@ -46,21 +50,30 @@ class Gateway:
     catalog: ModelCatalog
     broker: Broker
     metrics: GatewayMetrics
+    jobs: JobStore
 
 
 def gateway(request: Request) -> Gateway:
     return request.app.state.gateway
 
 
-def require_api_key(request: Request, x_api_key: str | None = Header(None)) -> None:
-    """When SKDCGN_API_KEYS is set, job endpoints and downloads need one of its keys."""
+def job_owner(request: Request, x_api_key: str | None = Header(None)) -> str:
+    """Whose jobs a request sees. When SKDCGN_API_KEYS is set, job endpoints and downloads need one of its keys,
+    and each key sees only its own jobs; without keys every job is public."""
     keys = gateway(request).settings.api_keys
     if not keys:
-        return
+        return PUBLIC_OWNER
     if not x_api_key:
         raise ServiceError(401, "this endpoint needs an API key: send it in the X-API-Key header")
     if not any(secrets.compare_digest(x_api_key.encode(), key.encode()) for key in keys):
         raise ServiceError(403, "the X-API-Key header does not hold a valid API key")
+    return owner_of(x_api_key)
+
+
+def generation_key(request: Request, x_api_key: str | None = Header(None)) -> None:
+    """With SKDCGN_API_KEYS_FOR_GENERATION, the rendering endpoints need a key as well."""
+    if gateway(request).settings.api_keys_for_generation:
+        job_owner(request, x_api_key)
 
 
 # --- validation against the model and the server's limits ---------------------------------------------------------
@@ -106,6 +119,11 @@ def model_fields(model: ResolvedModel) -> dict:
     return {"family": model.family, "version": model.version, "manifest_sha256": model.manifest_sha256}
 
 
+def model_headers(family: str, version: str, sha256: str) -> dict[str, str]:
+    """The model behind an answer, for answers whose body is an image or a file."""
+    return {"X-Model-Family": family, "X-Model-Version": version, "X-Manifest-SHA256": sha256}
+
+
 # --- synchronous rendering -----------------------------------------------------------------------------------------
 
 def wants_png(accept: str) -> bool:
@@ -121,7 +139,7 @@ def wants_png(accept: str) -> bool:
 
 def render_response(payload: dict, cached: bool, accept: str) -> Response:
     headers = {"X-Cache": "hit" if cached else "miss", "X-Seed": str(payload["seed"]),
-               "X-Model-Version": f"{payload['model']}/{payload['version']}"}
+               **model_headers(payload["model"], payload["version"], payload["manifest_sha256"])}
     if wants_png(accept):
         images = [decode(base64.b64decode(image)) for image in payload["images"]]
         picture = images[0] if len(images) == 1 else grid(np.stack(images))
@@ -137,7 +155,7 @@ async def render(gw: Gateway, task: dict, endpoint: str, accept: str) -> Respons
         gw.metrics.cache_hits.labels(endpoint).inc()
     else:
         gw.metrics.cache_misses.labels(endpoint).inc()
-        await gw.broker.admit(INTERACTIVE_QUEUE, gw.settings.queue_bound)
+        await gw.broker.admit(INTERACTIVE_QUEUE, gw.settings.queue_bound, f"{task['family']}/{task['version']}")
         task_id = uuid.uuid4().hex
         # Expiring with the timeout: a worker that reaches the task after the caller gave up skips it.
         await gw.broker.send(RENDER_TASK, [(task_id, [task])], expires=gw.settings.sync_timeout_s)
@@ -154,7 +172,8 @@ PNG_RESPONSES = {200: {"content": {"image/png": {}}, "description": "JSON, or on
 router = APIRouter()
 
 
-@router.post("/counterfactual", response_model=RenderResponse, responses=PNG_RESPONSES)
+@router.post("/counterfactual", response_model=RenderResponse, responses=PNG_RESPONSES,
+             dependencies=[Depends(generation_key)])
 async def counterfactual(body: CounterfactualRequest, request: Request, gw: Gateway = Depends(gateway)):
     """Counterfactual images: the shape of one label, the texture of another, the background of a third."""
     model = resolve_model(gw, body.model, body.version)
@@ -167,11 +186,12 @@ async def counterfactual(body: CounterfactualRequest, request: Request, gw: Gate
         check_z(model, f"z.{mechanism}", vectors, body.n)
     task = {"kind": "counterfactual", **model_fields(model), "labels": labels, "n": body.n,
             "seed": pick_seed(body.seed), "mask": body.mask.model_dump(), "z": body.z,
-            "return_components": body.return_components, "return_z": body.return_z}
+            "return_components": body.return_components, "return_noise": body.return_noise}
     return await render(gw, task, "counterfactual", request.headers.get("accept", ""))
 
 
-@router.post("/generate/{mechanism}", response_model=RenderResponse, responses=PNG_RESPONSES)
+@router.post("/generate/{mechanism}", response_model=RenderResponse, responses=PNG_RESPONSES,
+             dependencies=[Depends(generation_key)])
 async def generate(mechanism: Mechanism, body: MechanismRequest, request: Request, gw: Gateway = Depends(gateway)):
     """One mechanism's raw output: masks (shape), foreground textures or backgrounds of a label."""
     model = resolve_model(gw, body.model, body.version)
@@ -182,34 +202,14 @@ async def generate(mechanism: Mechanism, body: MechanismRequest, request: Reques
         check_z(model, "z", body.z, body.n)
     task = {"kind": "mechanism", **model_fields(model), "mechanism": mechanism, "label": body.label, "n": body.n,
             "seed": pick_seed(body.seed), "z": {mechanism: body.z} if body.z is not None else None,
-            "return_z": body.return_z}
+            "return_noise": body.return_noise}
     return await render(gw, task, f"generate/{mechanism}", request.headers.get("accept", ""))
 
 
 # --- dataset jobs --------------------------------------------------------------------------------------------------
 
-async def job_status(gw: Gateway, job_id: str) -> dict:
-    if not JOB_ID_PATTERN.match(job_id):  # before the id comes near Redis or the file system
-        raise ServiceError(404, f"no job {job_id!r}: job ids are 32 lowercase hex digits")
-    redis_client = gw.broker.redis
-    record = await redis_client.hgetall(job_key(job_id))
-    if not record:
-        raise ServiceError(404, f"no job {job_id}")
-    total, chunks, chunk_size = int(record["n"]), int(record["chunks"]), int(record["chunk_size"])
-    pipe = redis_client.pipeline()
-    pipe.scard(job_chunks_key(job_id)).sismember(job_chunks_key(job_id), chunks - 1)
-    done_chunks, last_done = await pipe.execute()
-    done = total if record["state"] == SUCCEEDED else done_samples(done_chunks, bool(last_done), chunk_size, total)
-    status = {key: record.get(key) for key in ("id", "state", "model", "version", "format", "created", "started",
-                                               "finished", "error")}
-    status.update(seed=int(record["seed"]), progress={"done": done, "total": total})
-    if record["state"] == SUCCEEDED:
-        status["result_url"] = f"/jobs/{job_id}/result"
-    return status
-
-
-@router.post("/jobs", status_code=202, response_model=JobStatus, dependencies=[Depends(require_api_key)])
-async def create_job(body: JobRequest, gw: Gateway = Depends(gateway)):
+@router.post("/jobs", status_code=202, response_model=JobStatus)
+async def create_job(body: JobRequest, gw: Gateway = Depends(gateway), owner: str = Depends(job_owner)):
     """Queue a counterfactual dataset; poll GET /jobs/{id}, then download GET /jobs/{id}/result."""
     model = resolve_model(gw, body.model, body.version)
     check_mechanisms(model, MECHANISMS)
@@ -220,60 +220,80 @@ async def create_job(body: JobRequest, gw: Gateway = Depends(gateway)):
         if allowed is not None:
             check_labels(model, f"labels.{mechanism}", allowed)
         choices[mechanism] = sorted(set(allowed)) if allowed is not None else list(range(model.label_count))
-    await gw.broker.admit(JOBS_QUEUE, gw.settings.job_queue_bound)
+    await gw.broker.admit(JOBS_QUEUE, gw.settings.job_queue_bound, f"{model.family}/{model.version}")
     job_id = uuid.uuid4().hex
     seed = pick_seed(body.seed)
-    chunk_size = gw.settings.job_chunk_size
-    chunks = chunk_count(body.n, chunk_size)
+    chunk_size, shard_size = gw.settings.job_chunk_size, gw.settings.job_shard_size
+    chunks, shards = chunk_count(body.n, chunk_size), shard_count(body.format, body.n, shard_size)
     created = now_iso()
     spec = {"id": job_id, **model_fields(model), "n": body.n, "chunk_size": chunk_size, "chunks": chunks,
-            "seed": seed, "counterfactuals_per_shape": body.counterfactuals_per_shape, "labels": choices,
+            "shard_size": shard_size, "shards": shards, "seed": seed,
+            "counterfactuals_per_shape": body.counterfactuals_per_shape, "labels": choices,
             "mask": body.mask.model_dump(), "format": body.format, "created": created,
             "request": body.model_dump() | {"model": model.family, "version": model.version, "seed": seed}}
-    record = {"id": job_id, "state": QUEUED, "model": model.family, "version": model.version, "format": body.format,
-              "seed": seed, "n": body.n, "chunks": chunks, "chunk_size": chunk_size, "created": created}
-    pipe = gw.broker.redis.pipeline()
-    pipe.hset(job_key(job_id), mapping=record).hincrby(STATS_KEY, "jobs_submitted", 1)
-    await pipe.execute()
+    await gw.jobs.create({"id": job_id, "owner": owner, "state": QUEUED, "model": model.family,
+                          "version": model.version, "manifest_sha256": model.manifest_sha256, "format": body.format,
+                          "seed": seed, "n": body.n, "chunks": chunks, "chunk_size": chunk_size, "shards": shards,
+                          "created": created})
     await gw.broker.send(CHUNK_TASK, [(chunk_task_id(job_id, chunk), [spec, chunk]) for chunk in range(chunks)])
-    return JSONResponse(await job_status(gw, job_id), status_code=202, headers={"Location": f"/jobs/{job_id}"})
+    return JSONResponse(await gw.jobs.status(job_id, owner), status_code=202, headers={"Location": f"/jobs/{job_id}"})
 
 
-@router.get("/jobs/{job_id}", response_model=JobStatus, dependencies=[Depends(require_api_key)])
-async def get_job(job_id: str, gw: Gateway = Depends(gateway)):
-    """State, progress (samples done of total), timestamps and error of a job."""
-    return await job_status(gw, job_id)
+@router.get("/jobs", response_model=JobList)
+async def list_jobs(state: Optional[JobState] = Query(None, description="only jobs in this state"),
+                    limit: int = Query(20, ge=1, le=100, description="jobs per page"),
+                    cursor: Optional[str] = Query(None, description="next_cursor of the previous page"),
+                    gw: Gateway = Depends(gateway), owner: str = Depends(job_owner)):
+    """Your jobs, newest first, a page at a time; ended jobs stay listed until SKDCGN_JOB_RETENTION_S expires."""
+    return await gw.jobs.page(owner, state, limit, cursor)
 
 
-@router.get("/jobs/{job_id}/result", dependencies=[Depends(require_api_key)],
+@router.get("/jobs/{job_id}", response_model=JobStatus)
+async def get_job(job_id: str, gw: Gateway = Depends(gateway), owner: str = Depends(job_owner)):
+    """State, progress (samples done of total), model, timestamps and error of a job."""
+    return await gw.jobs.status(job_id, owner)
+
+
+@router.get("/jobs/{job_id}/result",
             responses={200: {"content": {"application/octet-stream": {}, "application/x-tar": {}}}})
-async def get_job_result(job_id: str, gw: Gateway = Depends(gateway)):
-    """The dataset: result.npz (images, labels, indices, provenance) or a tar of PNGs with labels.csv."""
-    status = await job_status(gw, job_id)
+async def get_job_result(job_id: str, shard: Optional[int] = Query(None, ge=0, description="tar shard of a png job"),
+                         gw: Gateway = Depends(gateway), owner: str = Depends(job_owner)):
+    """The dataset: result.npz (images, labels, indices, provenance.json), or a png job's tar shard of PNGs with
+    labels.csv and provenance.json."""
+    status = await gw.jobs.status(job_id, owner)
     if status["state"] != SUCCEEDED:
         progress = status["progress"]
         raise ServiceError(409, f"job {job_id} is {status['state']} ({progress['done']}/{progress['total']} samples); "
                                 "its result exists once it has succeeded")
-    path = result_path(gw.settings.data_dir, job_id, status["format"])
+    shards = status["shards"]
+    if shard is None and shards > 1:
+        raise ServiceError(422, f"shard: job {job_id}'s result is {shards} tar shards; ask for ?shard=0 .. {shards - 1}")
+    if (shard or 0) >= shards:
+        raise ServiceError(404, f"job {job_id} has no shard {shard}; its shards are 0 .. {shards - 1}")
+    path = result_paths(gw.settings.data_dir, job_id, status["format"], shards)[shard or 0]
     if not path.is_file():
         raise ServiceError(410, f"the result file of job {job_id} is gone from the data directory")
     media = "application/x-tar" if status["format"] == "png" else "application/octet-stream"
-    return FileResponse(path, media_type=media, filename=f"{job_id}{path.suffix}")
+    filename = f"{job_id}{path.suffix}" if shards == 1 else f"{job_id}-{shard:05d}{path.suffix}"
+    return FileResponse(path, media_type=media, filename=filename,
+                        headers=model_headers(status["model"], status["version"], status["manifest_sha256"]))
 
 
-@router.delete("/jobs/{job_id}", response_model=JobStatus, dependencies=[Depends(require_api_key)])
-async def cancel_job(job_id: str, gw: Gateway = Depends(gateway)):
-    """Cancel a queued or running job: its remaining chunks are revoked and skipped."""
-    status = await job_status(gw, job_id)
+@router.delete("/jobs/{job_id}", response_model=JobStatus, responses={204: {"description": "the ended job is deleted"}})
+async def delete_job(job_id: str, gw: Gateway = Depends(gateway), owner: str = Depends(job_owner)):
+    """Cancel a queued or running job (its remaining chunks are revoked and skipped); delete an ended job, with its
+    result files."""
+    record = await gw.jobs.record(job_id, owner)
     cancelled = await gw.broker.redis.eval(
         *transition_args(job_id, ACTIVE_STATES, {"state": CANCELLED, "finished": now_iso()}))
     if not cancelled:
-        raise ServiceError(409, f"job {job_id} has already {status['state']}; only queued or running jobs cancel")
+        await gw.jobs.delete(record)
+        return Response(status_code=204)
     await gw.broker.incr_stat("jobs_cancelled")
     # Chunks also check the job's state before rendering, so a revoke that misses a worker costs nothing.
-    chunks = int(await gw.broker.redis.hget(job_key(job_id), "chunks"))
-    await gw.broker.revoke([chunk_task_id(job_id, chunk) for chunk in range(chunks)])
-    return await job_status(gw, job_id)
+    await gw.broker.revoke([chunk_task_id(job_id, chunk) for chunk in range(int(record["chunks"]))])
+    await asyncio.to_thread(discard_chunks, gw.settings.data_dir, job_id)
+    return await gw.jobs.status(job_id, owner)
 
 
 # --- health, models, metrics ---------------------------------------------------------------------------------------
@@ -297,14 +317,30 @@ async def readyz(gw: Gateway = Depends(gateway)):
     return body
 
 
+async def live_workers(gw: Gateway) -> list[dict]:
+    """The workers' heartbeats; none when Redis is down (the model listing still answers from the files)."""
+    try:
+        return await gw.broker.workers()
+    except redis.exceptions.ConnectionError:
+        return []
+
+
 @router.get("/models")
 async def models(gw: Gateway = Depends(gateway)):
     """Families, versions, labels and manifest essentials; the workers up and their execution provider."""
+    workers = await live_workers(gw)
+    return {"default_model": gw.settings.default_model, "models": gw.catalog.describe(refusals(workers)),
+            "workers": workers}
+
+
+@router.get("/models/{family}")
+async def model_versions(family: str, gw: Gateway = Depends(gateway)):
+    """Every version of a family: creation time, teacher, metrics, noise block, labels, manifest sha256, and
+    whether it can be served ("unavailable" with the reason when a worker refuses its files)."""
     try:
-        workers = await gw.broker.workers()
-    except redis.exceptions.ConnectionError:
-        workers = []
-    return {"default_model": gw.settings.default_model, "models": gw.catalog.describe(), "workers": workers}
+        return gw.catalog.describe_family(family, refusals(await live_workers(gw)))
+    except UnknownModel as exc:
+        raise ServiceError(404, str(exc)) from exc
 
 
 @router.get("/metrics")
@@ -329,18 +365,36 @@ def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
     return JSONResponse({"error": f"invalid request: {summary}", "detail": jsonable(errors)}, status_code=422)
 
 
+def json_safe(value):
+    """`value`, or its repr where JSON cannot carry it (a NaN or an infinity the client sent)."""
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError):
+        return repr(value)
+    return value
+
+
 def jsonable(errors: list[dict]) -> list[dict]:
-    return [{key: (value if key != "ctx" else {k: str(v) for k, v in value.items()}) for key, value in error.items()
-             if key in ("type", "loc", "msg", "input", "ctx")} for error in errors]
+    def field(key: str, value):
+        if key == "ctx":
+            return {k: str(v) for k, v in value.items()}
+        return json_safe(value) if key == "input" else value
+
+    return [{key: field(key, value) for key, value in error.items() if key in ("type", "loc", "msg", "input", "ctx")}
+            for error in errors]
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings.from_env()
-    gw = Gateway(settings, ModelCatalog(settings.models_dir), Broker(settings), GatewayMetrics())
+    broker = Broker(settings)
+    gw = Gateway(settings, ModelCatalog(settings.models_dir), broker, GatewayMetrics(),
+                 JobStore(broker.redis, settings.data_dir))
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
+        cleanup = asyncio.create_task(gw.jobs.cleanup_forever(settings.job_retention_s, settings.cleanup_interval_s))
         yield
+        cleanup.cancel()
         await gw.broker.close()
 
     app = FastAPI(title="SKDCGN counterfactual service", version="0.1.0", lifespan=lifespan,

@@ -39,6 +39,15 @@ def cache_key(task: dict) -> str:
     return CACHE_PREFIX + hashlib.sha256(canonical.encode()).hexdigest()
 
 
+def refusals(workers: list[dict]) -> dict[str, str]:
+    """"family/version" -> why, for each version a live worker refuses because its files fail their sha256 check."""
+    found: dict[str, str] = {}
+    for worker in workers:
+        for name, reason in worker.get("refused", {}).items():
+            found.setdefault(name, f"worker {worker['name']} refuses it: {reason}")
+    return found
+
+
 class Broker:
     def __init__(self, settings: Settings):
         self.settings = settings
@@ -64,11 +73,18 @@ class Broker:
     async def queue_depth(self, queue: str) -> int:
         return await self.redis.llen(queue)
 
-    async def admit(self, queue: str, bound: int) -> None:
-        """503 when no worker is up, 429 with Retry-After when the queue is deeper than `bound`."""
-        if not await self.workers():
+    async def admit(self, queue: str, bound: int, model: str) -> None:
+        """503 when no worker is up or one refuses `model` ("family/version"), 429 with Retry-After when the
+        queue is deeper than `bound`."""
+        workers = await self.workers()
+        if not workers:
             raise ServiceError(503, "no worker is up to render images; start one (`make run` starts one) "
                                     "and retry", {"Retry-After": "5"})
+        refused = refusals(workers).get(model)
+        if refused:
+            family = model.split("/")[0]
+            raise ServiceError(503, f"model {model} is unavailable: {refused}; restore its files or ask for another "
+                                    f"version (GET /models/{family} lists them)")
         depth = await self.queue_depth(queue)
         if depth > bound:
             raise ServiceError(429, f"the {queue} queue holds {depth} tasks (bound {bound}); retry later",

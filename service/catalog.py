@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping
 
 from core.manifest import (
     ManifestError, latest_version, list_families, list_versions, load_manifest, manifest_sha256, resolve_version,
@@ -41,43 +42,53 @@ class ModelCatalog:
     def __init__(self, models_dir: Path):
         self.models_dir = Path(models_dir)
 
-    def resolve(self, family: str, version: str | None = None) -> ResolvedModel:
-        """The version to serve (LATEST when None); raises UnknownModel, VersionNotFound or ManifestError."""
+    def _check_family(self, family: str) -> None:
         families = list_families(self.models_dir)
         if family not in families:
             raise UnknownModel(f"unknown model {family!r}; available models: {', '.join(families) or 'none'}")
+
+    def resolve(self, family: str, version: str | None = None) -> ResolvedModel:
+        """The version to serve (LATEST when None); raises UnknownModel, VersionNotFound or ManifestError."""
+        self._check_family(family)
         version, directory = resolve_version(self.models_dir, family, version)
         return ResolvedModel(family, version, load_manifest(directory), manifest_sha256(directory))
 
-    def describe(self) -> list[dict]:
-        """Families, their versions and the manifest essentials, for GET /models."""
-        out = []
-        for family in list_families(self.models_dir):
+    def describe_family(self, family: str, refused: Mapping[str, str]) -> dict:
+        """A family's versions with their manifest essentials and status; `refused` ("family/version" -> why)
+        names the versions workers refuse to serve."""
+        self._check_family(family)
+        try:
+            latest = latest_version(self.models_dir, family)
+        except ManifestError:
+            latest = None
+        versions = []
+        for version in list_versions(self.models_dir, family):
+            directory = self.models_dir / family / version
             try:
-                latest = latest_version(self.models_dir, family)
-            except ManifestError:
-                latest = None
-            versions = []
-            for version in list_versions(self.models_dir, family):
-                directory = self.models_dir / family / version
-                try:
-                    manifest = load_manifest(directory)
-                except ManifestError as exc:
-                    versions.append({"version": version, "error": str(exc)})
-                    continue
-                versions.append({
-                    "version": version,
-                    "latest": version == latest,
-                    "created": manifest["created"],
-                    "manifest_sha256": manifest_sha256(directory),
-                    "teacher": manifest["teacher"].get("name"),
-                    "image_size": manifest["image_size"],
-                    "labels": manifest["labels"],
-                    "noise": manifest["noise"],
-                    "texture_shuffle": manifest["texture_shuffle"],
-                    "mechanisms": list(manifest["mechanisms"]),
-                    "fused": bool(manifest.get("fused")),
-                    "metrics": manifest.get("metrics", {}),
-                })
-            out.append({"name": family, "latest": latest, "versions": versions})
-        return out
+                manifest = load_manifest(directory)
+            except ManifestError as exc:
+                versions.append({"version": version, "latest": version == latest, "status": "unavailable",
+                                 "reason": str(exc)})
+                continue
+            reason = refused.get(f"{family}/{version}")
+            versions.append({
+                "version": version,
+                "latest": version == latest,
+                "status": "unavailable" if reason else "available",
+                **({"reason": reason} if reason else {}),
+                "created": manifest["created"],
+                "manifest_sha256": manifest_sha256(directory),
+                "teacher": manifest["teacher"],
+                "image_size": manifest["image_size"],
+                "labels": manifest["labels"],
+                "noise": manifest["noise"],
+                "texture_shuffle": manifest["texture_shuffle"],
+                "mechanisms": list(manifest["mechanisms"]),
+                "fused": bool(manifest.get("fused")),
+                "metrics": manifest.get("metrics", {}),
+            })
+        return {"name": family, "latest": latest, "versions": versions}
+
+    def describe(self, refused: Mapping[str, str]) -> list[dict]:
+        """Every family as describe_family gives it, for GET /models."""
+        return [self.describe_family(family, refused) for family in list_families(self.models_dir)]

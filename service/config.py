@@ -21,6 +21,13 @@ def _env(name: str, default: str) -> str:
     return os.environ.get(PREFIX + name, default)
 
 
+def _flag(name: str, default: bool) -> bool:
+    raw = _env(name, "1" if default else "0").strip().lower()
+    if raw not in ("0", "1", "true", "false", "yes", "no"):
+        raise SettingsError(f"{PREFIX}{name}={raw!r} is not a flag: use 1 or 0")
+    return raw in ("1", "true", "yes")
+
+
 def _number(name: str, default, kind=int, minimum=None):
     raw = _env(name, str(default))
     try:
@@ -48,11 +55,16 @@ class Settings:
     cache_ttl_s: int = 3600
     cache_max_entry_bytes: int = 4 << 20
     api_keys: frozenset[str] = field(default_factory=frozenset)
+    api_keys_for_generation: bool = False  # with api_keys set: /counterfactual and /generate need a key too
     visibility_timeout_s: int = 3600  # a task unacknowledged this long is redelivered: keep it above a chunk's time
     job_chunk_size: int = 1000
+    job_shard_size: int = 100_000  # samples per tar shard of a png job's result
+    job_retention_s: float = 7 * 24 * 3600.0  # an ended job's record and files live this long after it ended
+    cleanup_interval_s: float = 300.0  # how often the gateway removes expired jobs
     batch_size: int = 256  # samples per onnxruntime call inside a job chunk
     heartbeat_ttl_s: float = 10.0
-    ort_threads: int = 0  # onnxruntime intra-op threads; 0 lets onnxruntime decide
+    # onnxruntime intra-op threads per worker process (0 lets onnxruntime decide): one suits small, shared CPUs.
+    ort_threads: int = 1
     models_loaded_max: int = 3  # versions a worker keeps loaded (LRU)
 
     @classmethod
@@ -72,8 +84,12 @@ class Settings:
             cache_ttl_s=_number("CACHE_TTL_S", cls.cache_ttl_s, minimum=0),
             cache_max_entry_bytes=_number("CACHE_MAX_ENTRY_BYTES", cls.cache_max_entry_bytes, minimum=0),
             api_keys=frozenset(key.strip() for key in _env("API_KEYS", "").split(",") if key.strip()),
+            api_keys_for_generation=_flag("API_KEYS_FOR_GENERATION", cls.api_keys_for_generation),
             visibility_timeout_s=_number("VISIBILITY_TIMEOUT_S", cls.visibility_timeout_s, minimum=1),
             job_chunk_size=_number("JOB_CHUNK_SIZE", cls.job_chunk_size, minimum=1),
+            job_shard_size=_number("JOB_SHARD_SIZE", cls.job_shard_size, minimum=1),
+            job_retention_s=_number("JOB_RETENTION_S", cls.job_retention_s, float, minimum=0.1),
+            cleanup_interval_s=_number("CLEANUP_INTERVAL_S", cls.cleanup_interval_s, float, minimum=0.1),
             batch_size=_number("BATCH_SIZE", cls.batch_size, minimum=1),
             heartbeat_ttl_s=_number("HEARTBEAT_TTL_S", cls.heartbeat_ttl_s, float, minimum=1.0),
             ort_threads=_number("ORT_THREADS", cls.ort_threads, minimum=0),

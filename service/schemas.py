@@ -8,12 +8,13 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, FiniteFloat
 
 Mechanism = Literal["shape", "texture", "background"]
 JobFormat = Literal["npz", "png"]
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 SEED_MAX = 2**63 - 1
+NoiseVectors = list[list[FiniteFloat]]  # n vectors of the manifest's noise dim (checked by the endpoint)
 
 
 class Strict(BaseModel):
@@ -40,19 +41,19 @@ class CounterfactualRequest(ModelChoice):
     n: int = Field(1, ge=1, description="images to draw (at most the server's SKDCGN_MAX_N)")
     seed: Optional[int] = Field(None, ge=0, le=SEED_MAX, description="random when omitted; returned in the answer")
     mask: MaskModifiers = Field(default_factory=MaskModifiers)
-    z: Optional[dict[Mechanism, list[list[float]]]] = Field(
+    z: Optional[dict[Mechanism, NoiseVectors]] = Field(
         None, description="explicit noise per mechanism: n vectors each; replaces the drawn z, nothing else"
     )
     return_components: bool = Field(False, description="also return mask, texture and background as composed")
-    return_z: bool = Field(False, description="also return the z vectors used")
+    return_noise: bool = Field(False, description="also return the z actually used, per mechanism")
 
 
 class MechanismRequest(ModelChoice):
     label: int
     n: int = Field(1, ge=1)
     seed: Optional[int] = Field(None, ge=0, le=SEED_MAX)
-    z: Optional[list[list[float]]] = Field(None, description="explicit noise: n vectors")
-    return_z: bool = False
+    z: Optional[NoiseVectors] = Field(None, description="explicit noise: n vectors")
+    return_noise: bool = Field(False, description="also return the z actually used")
 
 
 class LabelChoices(Strict):
@@ -75,7 +76,7 @@ class JobRequest(ModelChoice):
 
 
 class RenderResponse(BaseModel):
-    model: str
+    model: str = Field(description="the model family")
     version: str
     manifest_sha256: str
     provider: str = Field(description="onnxruntime execution provider that rendered the images")
@@ -83,7 +84,7 @@ class RenderResponse(BaseModel):
     n: int
     images: list[str] = Field(description="base64 PNG images")
     components: Optional[dict[str, list[str]]] = Field(None, description="mask, texture, background (base64 PNG)")
-    z: Optional[dict[str, list[list[float]]]] = None
+    z: Optional[dict[str, list[list[float]]]] = Field(None, description="with return_noise: the z used")
     cached: bool
 
 
@@ -96,12 +97,19 @@ class JobStatus(BaseModel):
     id: str
     state: JobState
     progress: JobProgress
-    model: str
+    model: str = Field(description="the model family")
     version: str
+    manifest_sha256: str
     format: JobFormat
+    shards: int = Field(description="result files: 1 for npz; png results are tar shards of SKDCGN_JOB_SHARD_SIZE")
     seed: int
     created: str
     started: Optional[str] = None
     finished: Optional[str] = None
     error: Optional[str] = None
-    result_url: Optional[str] = None
+    result_url: Optional[str] = Field(None, description="add ?shard=i (0 ≤ i < shards) when shards > 1")
+
+
+class JobList(BaseModel):
+    jobs: list[JobStatus] = Field(description="newest first")
+    next_cursor: Optional[str] = Field(None, description="pass as ?cursor= for the next page; null on the last")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import base64
 import io
+import shutil
 import time
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import httpx
 import numpy as np
 
 from core.imageio import decode
-from core.manifest import latest_version
+from core.manifest import latest_version, load_manifest, write_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 FAMILY = "double_colored_mnist"
@@ -54,3 +55,21 @@ def metric(text: str, name: str, **labels: str) -> float:
 
 def current_version(models_dir) -> str:
     return latest_version(models_dir, FAMILY)
+
+
+def new_version(models_dir: Path, source: str, name: str, edit) -> None:
+    """Copy version `source` to `name` and let `edit(manifest, directory)` change it."""
+    directory = models_dir / FAMILY / name
+    shutil.copytree(models_dir / FAMILY / source, directory)
+    manifest = load_manifest(directory)
+    manifest["version"] = name
+    edit(manifest, directory)
+    write_manifest(directory, manifest)
+
+
+def swap_texture_and_background(manifest: dict, _directory) -> None:
+    """A visibly different model from the same files: no fused graph, texture and background students swapped."""
+    manifest["fused"] = None
+    mechanisms = manifest["mechanisms"]
+    mechanisms["texture"]["file"], mechanisms["background"]["file"] = (mechanisms["background"]["file"],
+                                                                       mechanisms["texture"]["file"])

@@ -41,7 +41,7 @@ class ServiceStack:
         })
         self.redis_process: subprocess.Popen | None = None
         self.workers: dict[str, subprocess.Popen] = {}
-        self.gateways: list[subprocess.Popen] = []
+        self.gateways: dict[str, subprocess.Popen] = {}  # url -> process
         self.url = ""
 
     def log(self, name: str):
@@ -71,10 +71,13 @@ class ServiceStack:
         port = free_port()
         env = self.env | {f"SKDCGN_{name.upper()}": str(value) for name, value in settings.items()}
         process = start_gateway("127.0.0.1", port, env, self.log(f"gateway{len(self.gateways)}"))
-        self.gateways.append(process)
         url = f"http://127.0.0.1:{port}"
+        self.gateways[url] = process
         wait_until(lambda: http_status(f"{url}/healthz") == 200, STARTUP_TIMEOUT_S, "the gateway", {"gateway": process})
         return url
+
+    def stop_gateway(self, url: str) -> None:
+        stop([self.gateways.pop(url)])
 
     def wait_ready(self, url: str) -> None:
         wait_until(lambda: http_status(f"{url}/readyz") == 200, STARTUP_TIMEOUT_S, "a ready worker",
@@ -88,4 +91,4 @@ class ServiceStack:
         return self
 
     def stop(self) -> None:
-        stop(self.gateways + list(self.workers.values()) + ([self.redis_process] if self.redis_process else []))
+        stop(list(self.gateways.values()) + list(self.workers.values()) + ([self.redis_process] if self.redis_process else []))

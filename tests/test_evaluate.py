@@ -135,11 +135,13 @@ def test_tiny_invariance_and_fidelity_runs_write_results(tmp_path):
     common = ["--family", FAMILY, "--models-dir", str(models), "--results-dir", str(tmp_path / "results"),
               "--results-md", str(tmp_path / "docs" / "RESULTS.md"), "--data-dir", str(SHARED / "data"),
               "--teacher-path", str(SHARED / "teachers" / "cgn_mnist")]
-    # The real arm is the same fit_and_score on 5,000 digits: left out to keep the suite fast.
-    assert evaluate.main(["invariance", *common, "--images", "40", "--epochs", "1", "--seeds", "0",
-                          "--mask", "unmodified", "--arms", "teacher,student"]) == 0
+    # The real arm is the same fit_and_score on 5,000 digits: left out to keep the suite fast. Arms trained in
+    # separate runs with identical settings merge into one result.
+    quick = ["--images", "40", "--epochs", "1", "--seeds", "0", "--mask", "unmodified"]
+    assert evaluate.main(["invariance", *common, *quick, "--arms", "teacher"]) == 0
+    assert evaluate.main(["invariance", *common, *quick, "--arms", "student", "--note", "tiny students"]) == 0
     result = json.loads((tmp_path / "results" / f"invariance_{FAMILY}_unmodified.json").read_text())
-    assert set(result["arms"]) == {"teacher", "student"}
+    assert set(result["arms"]) == {"teacher", "student"} and result["notes"]["student"] == "tiny students"
     for arm in result["arms"].values():
         assert 0 <= arm["test_accuracy"]["mean"] <= 100 and len(arm["runs"]) == 1
     assert result["config"]["images"] == 40 and result["test_images"] == 5000
@@ -150,3 +152,4 @@ def test_tiny_invariance_and_fidelity_runs_write_results(tmp_path):
     assert fidelity["version"] == "tiny" and 0 <= fidelity["mechanisms"]["shape"]["student"]["mask_iou"] <= 1
     text = (tmp_path / "docs" / "RESULTS.md").read_text()
     assert f"<!-- results:invariance-{FAMILY}-unmodified -->" in text and f"<!-- results:fidelity-{FAMILY} -->" in text
+    assert "tiny students" in text and "teacher counterfactuals" in text

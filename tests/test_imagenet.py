@@ -2,7 +2,8 @@
 
 The official cgn.pth is not available offline, so every test builds on one randomly initialised teacher,
 saved once per module in the CGN layout. Tests marked `slow` run the full-size teacher (tens of seconds
-each on two cores); the distillation test makes a 256-px family end to end from a tiny bank.
+each on two cores): one distillation makes a 256-px family from a tiny bank, exported, checked and then
+served by a real Redis, Celery worker and gateway.
 """
 from __future__ import annotations
 
@@ -157,18 +158,28 @@ def test_unreadable_checkpoint_is_a_clear_error(tmp_path):
         cgn.load_teacher(path)
 
 
-@pytest.mark.slow
-def test_short_distillation_exports_a_256px_family(teacher, checkpoint, tmp_path):
-    import onnxruntime as ort
-
-    out = tmp_path / "models" / "imagenet" / "t1"
+@pytest.fixture(scope="module")
+def distilled(checkpoint, tmp_path_factory):
+    """A 256-px family from a tiny bank of two classes: a few steps, exported and promoted."""
+    root = tmp_path_factory.mktemp("distill")
+    out = root / "models" / "imagenet" / "t1"
     args = [
         "--teacher", "imagenet", "--teacher-path", str(checkpoint), "--out", str(out), "--promote",
         "--bank-size", "4", "--heldout", "1", "--chunk-size", "3", "--classes", "1,207",
-        "--bank-dir", str(tmp_path / "bank"), "--work-dir", str(tmp_path / "work"),
+        "--bank-dir", str(root / "bank"), "--work-dir", str(root / "work"),
         "--steps", "2", "--batch-size", "2", "--checkpoint-every", "2", "--log-every", "1",
     ]
-    assert distill.main(args) == 0
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(export, "PARITY_BATCH", 2)  # 16 × 256 px through four graphs, twice, is minutes on CPU
+        assert distill.main(args) == 0
+    return out
+
+
+@pytest.mark.slow
+def test_short_distillation_exports_a_256px_family(distilled, teacher, checkpoint):
+    import onnxruntime as ort
+
+    out = distilled
     manifest = load_manifest(out)
     verify_files(out, manifest)
     assert (out.parent / "LATEST").read_text().strip() == "t1"
@@ -188,15 +199,42 @@ def test_short_distillation_exports_a_256px_family(teacher, checkpoint, tmp_path
     assert manifest["metrics"]["heldout_pairs"] == 1 and "class_mean_baseline" in manifest["metrics"]["background"]
 
     # The bank holds exact (u, y, T(u, y)) triples: truncated noise, only the chosen classes.
-    heldout = Bank(tmp_path / "bank", "heldout")
-    assert json.loads((tmp_path / "bank" / "bank.json").read_text())["truncation"] == 0.5
-    data = heldout.load(["z", "y", "texture"])
+    bank_dir = out.parents[2] / "bank"
+    assert json.loads((bank_dir / "bank.json").read_text())["truncation"] == 0.5
+    data = Bank(bank_dir, "heldout").load(["z", "y", "texture"])
     assert set(data["y"]) <= {1, 207} and np.abs(data["z"]).max() <= 1.0
     with torch.no_grad():
         expected = teacher.texture(torch.from_numpy(data["z"][:1]), torch.from_numpy(data["y"][:1])).numpy()
     np.testing.assert_allclose(data["texture"][:1], expected, atol=1e-5)
 
+    # The graphs take any batch size, not only the one they were traced with.
     fused = ort.InferenceSession(str(out / "fused.onnx"), providers=["CPUExecutionProvider"])
     z, y = data["z"][:1], data["y"][:1]
     mask, texture, background = fused.run(None, {f"{part}_{m}": v for m in HEADS for part, v in (("z", z), ("y", y))})
     assert mask.shape == (1, 1, 256, 256) and texture.shape == background.shape == (1, 3, 256, 256)
+
+
+@pytest.mark.slow
+def test_the_256px_family_is_served(distilled, tmp_path):
+    """Redis, a Celery worker and the gateway serve the exported family: class names and 256-px images."""
+    import httpx
+
+    from tests.conftest import ServiceStack
+    from tests.service_helpers import images_of
+
+    stack = ServiceStack(tmp_path, distilled.parents[1], default_model="imagenet")
+    try:
+        stack.start()
+        with httpx.Client(base_url=stack.url, timeout=60) as client:
+            (family,) = client.get("/models").json()["models"]
+            (version,) = family["versions"]
+            assert (family["name"], version["version"], version["image_size"]) == ("imagenet", "t1", 256)
+            assert version["labels"]["count"] == 1000 and version["labels"]["names"][1] == "goldfish"
+            answer = client.post("/counterfactual", json={"shape": 1, "texture": 207, "background": 1, "n": 2,
+                                                          "seed": 5, "return_components": True})
+            assert answer.status_code == 200, answer.text
+            payload = answer.json()
+            assert images_of(payload).shape == (2, 256, 256, 3)
+            assert images_of(payload["components"], "mask").shape == (2, 256, 256, 3)
+    finally:
+        stack.stop()

@@ -47,7 +47,7 @@ def test_health_readiness_and_models(client, models_dir):
 
 
 def test_counterfactual_json_components_and_png(client, models_dir):
-    answer = counterfactual(client, n=4, seed=11, return_components=True, return_z=True)
+    answer = counterfactual(client, n=4, seed=11, return_components=True, return_noise=True)
     assert answer.status_code == 200, answer.text
     payload = answer.json()
     assert (payload["model"], payload["version"], payload["seed"]) == (FAMILY, current_version(models_dir), 11)
@@ -86,7 +86,7 @@ def test_same_seed_same_pixels_cached_or_not(client):
     assert misses == metric(before, "skdcgn_cache_misses_total", endpoint="counterfactual") + 1
 
     # A request that differs only in what it returns is a cache miss, rendered afresh: same pixels.
-    fresh = counterfactual(client, seed=2024, n=3, return_z=True)
+    fresh = counterfactual(client, seed=2024, n=3, return_noise=True)
     assert fresh.headers["x-cache"] == "miss"
     np.testing.assert_array_equal(images_of(fresh.json()), images_of(first.json()))
     # Passing the returned z back in reproduces the images too.
@@ -105,7 +105,7 @@ def test_mask_modifiers(client):
     study = {"transparency": 0.75, "rotation_deg": 90, "noise_std": 0.1}
     modified = counterfactual(client, seed=5, n=2, mask=study).json()
     assert not np.array_equal(images_of(modified), images_of(plain))
-    again = counterfactual(client, seed=5, n=2, mask=study, return_z=True).json()  # not from the cache
+    again = counterfactual(client, seed=5, n=2, mask=study, return_noise=True).json()  # not from the cache
     np.testing.assert_array_equal(images_of(again), images_of(modified))
 
 

@@ -1,9 +1,8 @@
 """Load and faults with real processes: a flooded queue, Redis down and back, a worker killed mid-job,
-a version promoted (and a corrupt one requested) while the service runs."""
+a version promoted while the service runs (tests/test_service_versions.py covers refused model files)."""
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import threading
 import time
@@ -12,8 +11,9 @@ import httpx
 import numpy as np
 import pytest
 
-from core.manifest import load_manifest, write_manifest
-from tests.service_helpers import FAMILY, counterfactual, current_version, images_of, load_npz, wait_job
+from tests.service_helpers import (
+    FAMILY, counterfactual, current_version, images_of, load_npz, new_version, swap_texture_and_background, wait_job,
+)
 from tests.service_stack import ServiceStack
 from training.registry import promote, rollback
 
@@ -119,24 +119,6 @@ def test_worker_killed_mid_job_loses_nothing(fault_stack):
             np.testing.assert_array_equal(reference[name], data[name])
 
 
-def new_version(models_dir, source: str, name: str, edit) -> None:
-    """Copy version `source` to `name` and let `edit(manifest, directory)` change it."""
-    directory = models_dir / FAMILY / name
-    shutil.copytree(models_dir / FAMILY / source, directory)
-    manifest = load_manifest(directory)
-    manifest["version"] = name
-    edit(manifest, directory)
-    write_manifest(directory, manifest)
-
-
-def swap_texture_and_background(manifest: dict, _directory) -> None:
-    """A visibly different model from the same files: no fused graph, texture and background students swapped."""
-    manifest["fused"] = None
-    mechanisms = manifest["mechanisms"]
-    mechanisms["texture"]["file"], mechanisms["background"]["file"] = (mechanisms["background"]["file"],
-                                                                       mechanisms["texture"]["file"])
-
-
 def test_promoted_version_is_served_without_restart(client, stack, models_dir):
     old = current_version(models_dir)
     new = f"{old}-swapped"
@@ -169,15 +151,3 @@ def test_promoted_version_is_served_without_restart(client, stack, models_dir):
     finally:
         rollback(models_dir, FAMILY)
     assert counterfactual(client, **request).json()["version"] == old
-
-
-def test_corrupt_version_is_refused_with_a_clear_error(client, models_dir):
-    def corrupt(manifest, directory):
-        with open(directory / manifest["mechanisms"]["shape"]["file"], "ab") as handle:
-            handle.write(b"tampered")
-
-    new_version(models_dir, current_version(models_dir), "corrupt", corrupt)
-    answer = counterfactual(client, version="corrupt")
-    assert answer.status_code == 500
-    assert "fails its sha256 check" in answer.json()["error"]
-    assert client.get("/readyz").json()["ready"]  # the served version is unaffected

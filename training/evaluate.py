@@ -6,6 +6,7 @@ Examples:
     python -m training.evaluate invariance --family wildlife_mnist --paper-scale               # 100k images, 10 epochs
     python -m training.evaluate invariance --family double_colored_mnist --images 2000 --epochs 1 --seeds 0
     python -m training.evaluate all                                                           # every shipped family
+    python -m training.evaluate render                             # rewrite the RESULTS.md sections from the JSON files
 
 Results go to --results-dir as JSON and into marked sections of --results-md.
 """
@@ -36,7 +37,7 @@ PAPER_SCALE = {"images": 100_000, "epochs": 10}
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["fidelity", "invariance", "all"])
+    parser.add_argument("command", choices=["fidelity", "invariance", "all", "render"])
     parser.add_argument("--family", help=f"model family (default for `all`: every shipped one of {EVALUATED_FAMILIES})")
     parser.add_argument("--models-dir", default="models", help="model repository (default models)")
     parser.add_argument("--version", help="student version (default the family's LATEST)")
@@ -65,14 +66,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     if set(args.arms) - {"real", "teacher", "student"} or not args.seeds:
         parser.error("--arms takes real, teacher, student; --seeds needs at least one seed")
-    if args.command != "all" and not args.family:
+    if args.command in ("fidelity", "invariance") and not args.family:
         parser.error(f"{args.command} needs --family")
     return args
 
 
-def version_note(students, note: str) -> str:
-    text = f"Students: `{students.directory}` (created {students.manifest['created']})."
-    return f"{text} {note}".strip()
+def render_fidelity(results_md: str, result: dict) -> str:
+    body = report.fidelity_markdown(result["family"], result["version"], result, result["grid"]) + "\n\n" + result["note"]
+    report.update_section(results_md, f"fidelity-{result['family']}", body)
+    return body
+
+
+def render_invariance(results_md: str, result: dict) -> str:
+    body = report.invariance_markdown(result, " ".join(dict.fromkeys(n for n in result.get("notes", {}).values() if n)))
+    report.update_section(results_md, f"invariance-{result['family']}-{result['mask']['setting']}", body)
+    return body
+
+
+def render_all(args: argparse.Namespace) -> None:
+    """Rewrite every evaluation section from the JSON files, e.g. after arms were trained in separate runs."""
+    for path in sorted(Path(args.results_dir).glob("fidelity_*.json")):
+        render_fidelity(args.results_md, json.loads(path.read_text()))
+    for path in sorted(Path(args.results_dir).glob("invariance_*.json")):
+        render_invariance(args.results_md, json.loads(path.read_text()))
 
 
 def run_fidelity(args: argparse.Namespace, family: str) -> None:
@@ -80,16 +96,14 @@ def run_fidelity(args: argparse.Namespace, family: str) -> None:
     result = evaluate_fidelity(teacher_source(family, args.teacher_path), students.source(), family, args.pairs,
                                args.data_dir, Path(args.data_dir) / "textures", args.baseline_pairs,
                                recogniser=digit_recogniser(args.data_dir, args.recogniser_epochs))
-    result.update(family=family, version=students.version, models_dir=str(students.directory))
-    report.write_json(Path(args.results_dir) / f"fidelity_{family}.json", result)
-    grid = None
+    result.update(family=family, version=students.version, models_dir=str(students.directory), grid=None,
+                  note=f"Students: `{students.directory}` (created {students.manifest['created']}). {args.note}".strip())
     if (students.directory / "teacher_vs_student.png").is_file():
         target = Path(args.results_md).parent / f"teacher_vs_student_{family}.png"
         shutil.copyfile(students.directory / "teacher_vs_student.png", target)
-        grid = target.name
-    body = report.fidelity_markdown(family, students.version, result, grid)
-    report.update_section(args.results_md, f"fidelity-{family}", body + "\n\n" + version_note(students, args.note))
-    print(body)
+        result["grid"] = target.name
+    report.write_json(Path(args.results_dir) / f"fidelity_{family}.json", result)
+    print(render_fidelity(args.results_md, result))
 
 
 def run_invariance(args: argparse.Namespace, family: str) -> None:
@@ -106,12 +120,11 @@ def run_invariance(args: argparse.Namespace, family: str) -> None:
         include_real = "real" in args.arms and (modifiers == UNMODIFIED or args.mask == "modified")
         result = run_experiment(family, sources, config, modifiers, include_real, args.data_dir,
                                 Path(args.data_dir) / "textures")
+        result["notes"] = {arm: args.note for arm in result["arms"]}  # per arm: a rerun arm replaces its note
         path = Path(args.results_dir) / f"invariance_{family}_{modifiers.name}.json"
         result = merge_arms(path, result)
         report.write_json(path, result)
-        body = report.invariance_markdown(result, args.note)
-        report.update_section(args.results_md, f"invariance-{family}-{modifiers.name}", body)
-        print(body)
+        print(render_invariance(args.results_md, result))
 
 
 def merge_arms(path: Path, result: dict) -> dict:
@@ -125,6 +138,7 @@ def merge_arms(path: Path, result: dict) -> dict:
     merged["arms"] = {**earlier["arms"], **result["arms"]}
     merged["sources"] = {**earlier.get("sources", {}), **result["sources"]}
     merged["real_images"] = max(earlier.get("real_images", 0), result["real_images"])
+    merged["notes"] = {**earlier.get("notes", {}), **result["notes"]}
     return merged
 
 
@@ -141,6 +155,9 @@ def shipped_families(models_dir: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.command == "render":
+        render_all(args)
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     families = [args.family] if args.family else shipped_families(args.models_dir)

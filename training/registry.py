@@ -50,13 +50,18 @@ def _record(models_root: Path, family: str, action: str, version: str) -> None:
     write_text_atomic(_history_path(models_root, family), "".join(json.dumps(entry) + "\n" for entry in history))
 
 
+def _verify(models_root: Path, family: str, version: str) -> None:
+    """LATEST only ever names a version whose files pass their manifest's sha256 check (workers refuse others)."""
+    if version not in list_versions(models_root, family):
+        raise VersionNotFound(family, version, list_versions(models_root, family))
+    version_dir = models_root / family / version
+    verify_files(version_dir, load_manifest(version_dir))
+
+
 def promote(models_root: str | os.PathLike, family: str, version: str) -> None:
     """Point LATEST at `version` after checking its manifest and files."""
     models_root = Path(models_root)
-    version_dir = models_root / family / version
-    if version not in list_versions(models_root, family):
-        raise VersionNotFound(family, version, list_versions(models_root, family))
-    verify_files(version_dir, load_manifest(version_dir))
+    _verify(models_root, family, version)
     set_latest(models_root, family, version)
     _record(models_root, family, "promote", version)
 
@@ -68,6 +73,7 @@ def rollback(models_root: str | os.PathLike, family: str) -> str:
     if len(stack) < 2:
         raise ManifestError(f"{family}: no earlier promoted version to roll back to (history: {stack or 'empty'})")
     previous = stack[-2]
+    _verify(models_root, family, previous)
     set_latest(models_root, family, previous)
     _record(models_root, family, "rollback", stack[-1])
     return previous

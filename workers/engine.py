@@ -20,7 +20,8 @@ import onnxruntime as ort
 from core.compose import compose_samples
 from core.imageio import encode, to_uint8
 from core.manifest import (
-    ManifestError, latest_version, list_families, load_manifest, manifest_sha256, resolve_version, verify_files,
+    ManifestError, latest_version, list_families, list_versions, load_manifest, manifest_sha256, resolve_version,
+    verify_files,
 )
 from core.noise import MECHANISMS, NoiseSpec, SampleNoise, draw_sample_noise
 
@@ -29,6 +30,10 @@ logger = logging.getLogger(__name__)
 
 class ModelChanged(RuntimeError):
     """A version's manifest changed on disk after the gateway accepted the request."""
+
+
+class ModelRefused(RuntimeError):
+    """A version's files fail their manifest's sha256 check (corrupt, or still being copied): it is not served."""
 
 
 def execution_providers() -> list[str]:
@@ -96,20 +101,74 @@ class LoadedModel:
             self.run_all({m: z for m in MECHANISMS}, {m: y for m in MECHANISMS})
 
 
+def file_signature(directory: Path) -> tuple:
+    """Name, size, inode and change times of a version's files: any rewrite, copy or rename changes it."""
+    entries = []
+    for path in sorted(directory.iterdir()):
+        stat = path.stat()
+        entries.append((path.name, stat.st_size, stat.st_ino, stat.st_mtime_ns, stat.st_ctime_ns))
+    return tuple(entries)
+
+
 class ModelRegistry:
-    """The versions this worker has loaded, least recently used evicted first; thread-safe."""
+    """The versions this worker has loaded, least recently used evicted first, and those it refuses; thread-safe."""
 
     def __init__(self, models_dir: Path, capacity: int, ort_threads: int):
         self.models_dir, self.capacity = Path(models_dir), capacity
         self.providers = execution_providers()
         self.options = ort.SessionOptions()
         self.options.intra_op_num_threads = ort_threads
+        # Idle onnxruntime threads sleep instead of spinning, so a busy or shared machine is not thrashed.
+        self.options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self._loaded: OrderedDict[tuple[str, str], LoadedModel] = OrderedDict()
+        # (family, version) -> (file signature, refusal reason or None): files are hashed again only when they change.
+        self._checked: dict[tuple[str, str], tuple[tuple, str | None]] = {}
         self._lock = threading.Lock()
+        self._check_lock = threading.Lock()  # the watcher and the task thread never hash (and log) a version twice
+
+    def check(self, family: str, version: str, directory: Path) -> None:
+        """Raise ModelRefused, and log it once, when the version's files fail the manifest's sha256 check."""
+        with self._check_lock:
+            signature = file_signature(directory)
+            cached = self._checked.get((family, version))
+            if cached is None or cached[0] != signature:
+                try:
+                    verify_files(directory, load_manifest(directory))
+                    reason = None
+                except ManifestError as exc:
+                    reason = str(exc)
+                    logger.error("refusing to serve %s/%s: %s", family, version, reason)
+                else:
+                    if cached is not None and cached[1] is not None:
+                        logger.info("%s/%s passes its sha256 check again; serving it", family, version)
+                cached = self._checked[(family, version)] = (signature, reason)
+        if cached[1] is not None:
+            raise ModelRefused(f"model {family}/{version} is refused by this worker: {cached[1]}")
+
+    def audit(self) -> None:
+        """Check every version in the repository (cheap unless files changed), so refusals are known before requests."""
+        present = set()
+        for family in list_families(self.models_dir):
+            for version in list_versions(self.models_dir, family):
+                present.add((family, version))
+                try:
+                    self.check(family, version, self.models_dir / family / version)
+                except ModelRefused:
+                    pass  # logged by check, published by the heartbeat
+        with self._check_lock:
+            for gone in set(self._checked) - present:
+                del self._checked[gone]
+
+    def refused(self) -> dict[str, str]:
+        """"family/version" -> why this worker refuses it."""
+        with self._check_lock:
+            return {f"{family}/{version}": reason for (family, version), (_, reason) in self._checked.items()
+                    if reason is not None}
 
     def get(self, family: str, version: str | None = None, expected_sha256: str | None = None) -> LoadedModel:
-        """The loaded version (LATEST when None), reloaded if its manifest changed on disk."""
+        """The loaded version (LATEST when None), reloaded if its manifest changed on disk; refused if files fail."""
         version, directory = resolve_version(self.models_dir, family, version)
+        self.check(family, version, directory)
         on_disk = manifest_sha256(directory)
         if expected_sha256 is not None and on_disk != expected_sha256:
             raise ModelChanged(f"model {family}/{version} changed on disk after the request was accepted; retry it")
@@ -127,7 +186,6 @@ class ModelRegistry:
     def _load(self, family: str, version: str, directory: Path, sha256: str) -> LoadedModel:
         started = time.perf_counter()
         manifest = load_manifest(directory)
-        verify_files(directory, manifest)
         model = LoadedModel(family, version, directory, manifest, sha256, self.options, self.providers)
         model.warm_up()
         logger.info("loaded %s on %s in %.2f s", model.name, model.provider, time.perf_counter() - started)
@@ -213,6 +271,6 @@ def render_request(registry: ModelRegistry, request: dict) -> dict:
         output = model.run_mechanism(mechanism, z[mechanism], np.full(n, request["label"], np.int64))
         images = to_uint8(output, model.output_range(mechanism))
     payload["images"] = encode_base64_png(images)
-    if request["return_z"]:
+    if request["return_noise"]:
         payload["z"] = {mechanism: values.tolist() for mechanism, values in z.items()}
     return payload

@@ -3,14 +3,16 @@
 A chunk is a pure function of the job spec and its index (noise and labels come from per-sample seeds),
 so rendering it twice, on any worker, writes the same file: a chunk redelivered after a crash is harmless.
 Chunk files are written under a temporary name and renamed; the result is assembled under a Redis lock,
-and the job's state moves to `succeeded` only once, through the transition script.
+and the job's state moves to `succeeded` only once, through the transition script. The result is one npz, or
+for png jobs tar shards of `shard_size` samples, streamed from the chunk files; each carries a provenance.json
+naming the model version, its manifest sha256, the request and the seeds of its samples. Chunk files go as
+soon as the job ends, whichever way.
 """
 from __future__ import annotations
 
 import io
 import json
 import logging
-import shutil
 import tarfile
 import zipfile
 from pathlib import Path
@@ -18,22 +20,24 @@ from pathlib import Path
 import numpy as np
 import redis
 
-from core.atomic import atomic_path, write_text_atomic
+from core.atomic import atomic_path
 from core.imageio import encode
 from core.noise import draw_labels, draw_sample_noise
 from service.config import Settings
 from workers.engine import LoadedModel, MaskModifiers, ModelRegistry, counterfactual_batch
 from workers.protocol import (
-    ACTIVE_STATES, FAILED, QUEUED, RESULT_NAMES, RUNNING, STATS_KEY, SUCCEEDED, chunk_bounds, job_chunks_key, job_dir,
-    job_key, job_lock_key, now_iso, transition_args,
+    ACTIVE_STATES, FAILED, QUEUED, RUNNING, STATS_KEY, SUCCEEDED, chunk_bounds, discard_chunks, job_chunks_key,
+    job_dir, job_key, job_lock_key, now_iso, result_paths, transition_args,
 )
 
 logger = logging.getLogger(__name__)
 CHUNK_ARRAYS = ("images", "labels", "indices")
-SEED_RULE = (
-    "sample i draws its noise from numpy SeedSequence([seed, i]) and its labels from SeedSequence([seed, i, 1]); "
-    "with counterfactuals_per_shape k, sample i takes the shape label and shape z of sample k * (i // k)"
-)
+SEED_RULE = {  # per sample i of `indices`: the entropy of its streams (numpy SeedSequence, PCG64)
+    "noise": "SeedSequence([seed, i]): z for shape, texture and background, the shuffle offsets, then the "
+             "mask-modifier draws",
+    "labels": "SeedSequence([seed, i, 1]): shape, texture and background, each from its allowed labels",
+    "groups": "with counterfactuals_per_shape k, sample i takes the shape label and shape z of sample k * (i // k)",
+}
 
 
 class AssemblyError(RuntimeError):
@@ -76,17 +80,31 @@ def write_chunk(path: Path, arrays: dict[str, np.ndarray]) -> None:
         np.savez(handle, **arrays)
 
 
-def provenance(job: dict) -> dict:
+def provenance(job: dict, start: int, stop: int, shard: int) -> dict:
+    """What names the model behind samples start..stop-1 of a job, and what it takes to render them again."""
     return {
-        "job_id": job["id"], "request": job["request"], "model": job["family"], "version": job["version"],
+        "job_id": job["id"], "request": job["request"], "family": job["family"], "version": job["version"],
         "manifest_sha256": job["manifest_sha256"], "seed": job["seed"], "samples": job["n"],
+        "indices": [start, stop], "shard": shard, "shards": job["shards"], "sample_seeds": SEED_RULE,
         "counterfactuals_per_shape": job["counterfactuals_per_shape"], "labels": job["labels"], "mask": job["mask"],
-        "sample_seeds": SEED_RULE, "created": job["created"], "assembled": now_iso(),
+        "created": job["created"], "assembled": now_iso(),
     }
 
 
-def _write_npz(target: Path, chunk_paths: list[Path], n: int, provenance_text: str) -> None:
+def _provenance_text(job: dict, start: int, stop: int, shard: int) -> str:
+    return json.dumps(provenance(job, start, stop, shard), indent=2) + "\n"
+
+
+def _samples(chunk_paths: list[Path]):
+    """(image, labels, index) of every sample, in index order, one chunk file in memory at a time."""
+    for path in chunk_paths:
+        with np.load(path) as chunk:
+            yield from zip(chunk["images"], chunk["labels"], chunk["indices"])
+
+
+def _write_npz(target: Path, chunk_paths: list[Path], job: dict) -> None:
     """Stream the chunks into one npz (uncompressed zip of .npy members) without holding the dataset in memory."""
+    n = job["n"]
     with np.load(chunk_paths[0]) as first:
         layout = {name: (first[name].dtype, first[name].shape[1:]) for name in CHUNK_ARRAYS}
     with zipfile.ZipFile(target, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
@@ -102,47 +120,50 @@ def _write_npz(target: Path, chunk_paths: list[Path], n: int, provenance_text: s
                     member.write(block.tobytes())
             if rows != n:
                 raise AssemblyError(f"chunks hold {rows} rows of {name!r}, the job asked for {n}")
-        with archive.open("provenance.npy", "w") as member:
-            np.save(member, np.array(provenance_text))
+        # A plain JSON member: np.load(...)["provenance.json"] returns its bytes, unzip shows the file.
+        archive.writestr("provenance.json", _provenance_text(job, 0, n, 0))
 
 
 def _add_bytes(archive: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
+    info = tarfile.TarInfo(name)  # mtime 0: equal samples make equal members
     info.size = len(data)
     archive.addfile(info, io.BytesIO(data))
 
 
-def _write_tar(target: Path, chunk_paths: list[Path], job: dict, provenance_text: str) -> None:
-    """PNG files plus labels.csv (file, labels, seed and sample index) and provenance.json, in one tar."""
+def _write_tars(targets: list[Path], chunk_paths: list[Path], job: dict) -> None:
+    """Tar shards of `shard_size` samples: PNG files, labels.csv (file, labels, seed, index) and provenance.json."""
     width = max(6, len(str(job["n"] - 1)))
-    rows = ["file,shape,texture,background,seed,index"]
-    with tarfile.open(target, "w") as archive:
-        for path in chunk_paths:
-            with np.load(path) as chunk:
-                for image, (shape, texture, background), index in zip(chunk["images"], chunk["labels"], chunk["indices"]):
-                    name = f"images/{index:0{width}d}.png"
-                    _add_bytes(archive, name, encode(image))
-                    rows.append(f"{name},{shape},{texture},{background},{job['seed']},{index}")
-        if len(rows) - 1 != job["n"]:
-            raise AssemblyError(f"chunks hold {len(rows) - 1} samples, the job asked for {job['n']}")
-        _add_bytes(archive, "labels.csv", ("\n".join(rows) + "\n").encode())
-        _add_bytes(archive, "provenance.json", provenance_text.encode())
+    samples = _samples(chunk_paths)
+    for shard, target in enumerate(targets):
+        start, stop = chunk_bounds(shard, job["shard_size"], job["n"])
+        rows = ["file,shape,texture,background,seed,index"]
+        with atomic_path(target) as tmp, tarfile.open(tmp, "w") as archive:
+            for expected, (image, (shape, texture, background), index) in zip(range(start, stop), samples):
+                if index != expected:
+                    raise AssemblyError(f"chunks hold sample {index} where sample {expected} belongs")
+                name = f"images/{index:0{width}d}.png"
+                _add_bytes(archive, name, encode(image))
+                rows.append(f"{name},{shape},{texture},{background},{job['seed']},{index}")
+            if len(rows) - 1 != stop - start:
+                raise AssemblyError(f"chunks hold {start + len(rows) - 1} samples, the job asked for {job['n']}")
+            _add_bytes(archive, "labels.csv", ("\n".join(rows) + "\n").encode())
+            _add_bytes(archive, "provenance.json", _provenance_text(job, start, stop, shard).encode())
 
 
-def assemble(directory: Path, job: dict) -> Path:
+def assemble(data_dir: Path, job: dict) -> list[Path]:
+    """The result files of a job whose chunks are all on disk: one npz, or the png job's tar shards."""
+    directory = job_dir(data_dir, job["id"])
     paths = [chunk_path(directory, chunk) for chunk in range(job["chunks"])]
     missing = [path.name for path in paths if not path.is_file()]
     if missing:
         raise AssemblyError(f"chunk files missing: {', '.join(missing[:5])}")
-    provenance_text = json.dumps(provenance(job), indent=2)
-    target = directory / RESULT_NAMES[job["format"]]
-    with atomic_path(target) as tmp:
-        if job["format"] == "npz":
-            _write_npz(tmp, paths, job["n"], provenance_text)
-        else:
-            _write_tar(tmp, paths, job, provenance_text)
-    write_text_atomic(directory / "provenance.json", provenance_text + "\n")
-    return target
+    targets = result_paths(data_dir, job["id"], job["format"], job["shards"])
+    if job["format"] == "npz":
+        with atomic_path(targets[0]) as tmp:
+            _write_npz(tmp, paths, job)
+    else:
+        _write_tars(targets, paths, job)
+    return targets
 
 
 def run_chunk(client: redis.Redis, registry: ModelRegistry, settings: Settings, job: dict, chunk: int) -> None:
@@ -151,25 +172,29 @@ def run_chunk(client: redis.Redis, registry: ModelRegistry, settings: Settings, 
     if client.hget(job_key(job_id), "state") not in ACTIVE_STATES:
         return  # cancelled, failed, or a redelivered duplicate of an already finished job
     client.eval(*transition_args(job_id, (QUEUED,), {"state": RUNNING, "started": now_iso()}))
-    directory = job_dir(settings.data_dir, job_id)
     try:
         model = registry.get(job["family"], job["version"], job["manifest_sha256"])
         arrays = render_chunk_arrays(model, job, chunk, settings.batch_size)
-        write_chunk(chunk_path(directory, chunk), arrays)
+        write_chunk(chunk_path(job_dir(settings.data_dir, job_id), chunk), arrays)
         pipe = client.pipeline()
         pipe.sadd(job_chunks_key(job_id), chunk).scard(job_chunks_key(job_id))
         pipe.hincrby(STATS_KEY, "images_generated", len(arrays["images"]))
-        done = pipe.execute()[1]
-        if done == job["chunks"]:
-            _assemble_once(client, settings, job, directory)
+        pipe.hget(job_key(job_id), "state")
+        _, done, _, state = pipe.execute()
+        if state not in ACTIVE_STATES:
+            # Cancelled while this chunk rendered: whoever ended the job may have cleared the chunks before it landed.
+            discard_chunks(settings.data_dir, job_id)
+        elif done == job["chunks"]:
+            _assemble_once(client, settings, job)
     except Exception as exc:
         logger.exception("job %s chunk %d failed", job_id, chunk)
         failed = {"state": FAILED, "error": f"{type(exc).__name__}: {exc}", "finished": now_iso()}
         if client.eval(*transition_args(job_id, ACTIVE_STATES, failed)):
             client.hincrby(STATS_KEY, "jobs_failed", 1)
+        discard_chunks(settings.data_dir, job_id)
 
 
-def _assemble_once(client: redis.Redis, settings: Settings, job: dict, directory: Path) -> None:
+def _assemble_once(client: redis.Redis, settings: Settings, job: dict) -> None:
     # The lock expires with the visibility timeout: if this worker dies while assembling, its chunk task
     # comes back after that timeout and the redelivered task finds the lock free.
     lock = client.lock(job_lock_key(job["id"]), timeout=settings.visibility_timeout_s, blocking=False)
@@ -178,11 +203,11 @@ def _assemble_once(client: redis.Redis, settings: Settings, job: dict, directory
     try:
         if client.hget(job_key(job["id"]), "state") not in ACTIVE_STATES:
             return
-        result = assemble(directory, job)
-        finished = {"state": SUCCEEDED, "finished": now_iso(), "result_bytes": result.stat().st_size}
+        results = assemble(settings.data_dir, job)
+        finished = {"state": SUCCEEDED, "finished": now_iso(), "result_bytes": sum(p.stat().st_size for p in results)}
         if client.eval(*transition_args(job["id"], ACTIVE_STATES, finished)):
             client.hincrby(STATS_KEY, "jobs_succeeded", 1)
-            shutil.rmtree(directory / "chunks", ignore_errors=True)
+            discard_chunks(settings.data_dir, job["id"])
     finally:
         try:
             lock.release()

@@ -1,9 +1,11 @@
 """A worker's background threads: follow each family's LATEST, and announce the worker to the gateway.
 
-The watcher loads (and warms up) every family's LATEST version at start and whenever LATEST changes, so a
-promoted version is served without a restart. The heartbeat is a Redis key with a TTL naming the provider
-and the loaded versions; it appears only after the first load finished, which is what "ready" means to the
-gateway, and it disappears by itself when the worker dies.
+The watcher checks every version's files against its manifest (hashing only files that changed) and loads
+(and warms up) every family's LATEST version at start and whenever LATEST changes, so a promoted or rolled-back
+version is served without a restart. The heartbeat is a Redis key with a TTL naming the provider, the loaded
+versions and the refused ones (files failing their sha256 check), which the gateway reports as unavailable; it
+appears only after the first pass finished, which is what "ready" means to the gateway, and it disappears by
+itself when the worker dies, taking the worker's refusals with it.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import time
 import redis
 
 from service.config import Settings
-from workers.engine import ModelRegistry
+from workers.engine import ModelRefused, ModelRegistry
 from workers.protocol import WORKER_PREFIX, now_iso
 
 logger = logging.getLogger(__name__)
@@ -28,6 +30,8 @@ class WorkerPresence:
         self.registry, self.settings, self.name = registry, settings, name
         self.key = f"{WORKER_PREFIX}{name}"
         self.ready = threading.Event()
+        self._beat_now = threading.Event()  # set when the refusals change, so the gateway hears at once
+        self._announced_refusals: dict[str, str] = {}
         self._served: dict[str, str] = {}  # family -> the LATEST version last loaded (or tried)
 
     def start(self) -> None:
@@ -38,16 +42,21 @@ class WorkerPresence:
         for family, version in self.registry.latest_versions().items():
             if self._served.get(family) == version:
                 continue
-            self._served[family] = version  # a broken version is reported once, not retried every second
             try:
                 self.registry.get(family, version)
+            except ModelRefused:
+                continue  # logged once by the check; retried each pass (cheaply) until its files check out
             except Exception:
                 logger.exception("cannot load %s/%s named by LATEST; requests for it will fail", family, version)
+            self._served[family] = version  # any other failure is reported once, not retried every second
 
     def _watch(self) -> None:
         while True:
             try:
+                self.registry.audit()
                 self._follow_latest()
+                if self.registry.refused() != self._announced_refusals:
+                    self._beat_now.set()
             except Exception:
                 logger.exception("scanning the model repository %s failed", self.registry.models_dir)
             self.ready.set()
@@ -59,9 +68,11 @@ class WorkerPresence:
         period = self.settings.heartbeat_ttl_s / 3
         while True:
             beat = {"name": self.name, "pid": os.getpid(), "provider": self.registry.provider_in_use(),
-                    "loaded": self.registry.loaded(), "updated": now_iso()}
+                    "loaded": self.registry.loaded(), "refused": self.registry.refused(), "updated": now_iso()}
             try:
                 client.set(self.key, json.dumps(beat), px=int(self.settings.heartbeat_ttl_s * 1000))
+                self._announced_refusals = beat["refused"]
             except redis.RedisError as exc:
                 logger.warning("heartbeat to Redis failed (%s); retrying", exc)
-            time.sleep(period)
+            self._beat_now.wait(period)
+            self._beat_now.clear()

@@ -6,7 +6,10 @@ Redis (noeviction); only batch-cache keys (`skdcgn:cache:`) go to the cache Redi
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import re
+import shutil
+import time
 from pathlib import Path
 
 INTERACTIVE_QUEUE = "interactive"
@@ -17,21 +20,29 @@ CHUNK_TASK = "workers.tasks.render_chunk"
 CACHE_PREFIX = "skdcgn:cache:"
 WORKER_PREFIX = "skdcgn:worker:"
 STATS_KEY = "skdcgn:stats"
+# Sorted set of ended jobs scored by when they ended (epoch seconds): the retention clock. Running jobs are never in it.
+JOBS_ENDED_KEY = "skdcgn:jobs:ended"
+PUBLIC_OWNER = "public"  # owner of the jobs submitted while no API keys are configured
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
 ACTIVE_STATES = (QUEUED, RUNNING)
+ENDED_STATES = (SUCCEEDED, FAILED, CANCELLED)
 JOB_ID_PATTERN = re.compile(r"^[0-9a-f]{32}$")  # uuid4().hex
-RESULT_NAMES = {"npz": "result.npz", "png": "result.tar"}  # job format -> result file
 
-# Sets fields of a job hash only if its state is one of the allowed ones; returns 1 when it did.
-# KEYS[1] the job hash; ARGV[1] how many allowed states follow; then the states; then field, value pairs.
+# Sets fields of a job hash only if its state is one of the allowed ones, and files the job under JOBS_ENDED_KEY
+# when the move ends it; returns 1 when it did. KEYS[1] the job hash, KEYS[2] JOBS_ENDED_KEY; ARGV[1] the job id;
+# ARGV[2] the ended-at score ('' when the job goes on); ARGV[3] how many allowed states follow; then the states;
+# then field, value pairs.
 TRANSITION_SCRIPT = """
 local current = redis.call('HGET', KEYS[1], 'state')
-local allowed = tonumber(ARGV[1])
-for i = 2, allowed + 1 do
+local allowed = tonumber(ARGV[3])
+for i = 4, allowed + 3 do
   if current == ARGV[i] then
-    for j = allowed + 2, #ARGV, 2 do
+    for j = allowed + 4, #ARGV, 2 do
       redis.call('HSET', KEYS[1], ARGV[j], ARGV[j + 1])
+    end
+    if ARGV[2] ~= '' then
+      redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
     end
     return 1
   end
@@ -53,6 +64,16 @@ def job_key(job_id: str) -> str:
     return f"skdcgn:job:{job_id}"
 
 
+def jobs_index_key(owner: str) -> str:
+    """One owner's jobs, scored by creation time (epoch ms): GET /jobs pages through it, newest first."""
+    return f"skdcgn:jobs:owner:{owner}"
+
+
+def owner_of(api_key: str | None) -> str:
+    """Jobs are filed under a hash of the API key that submitted them, never the key itself."""
+    return hashlib.sha256(api_key.encode()).hexdigest() if api_key else PUBLIC_OWNER
+
+
 def job_chunks_key(job_id: str) -> str:
     """The set of chunk indices whose output is on disk: progress, and the trigger for assembly."""
     return f"skdcgn:job:{job_id}:chunks"
@@ -70,7 +91,8 @@ def chunk_task_id(job_id: str, chunk: int) -> str:
 def transition_args(job_id: str, allowed: tuple[str, ...], fields: dict[str, str]) -> tuple:
     """Arguments for `client.eval(*args)` (sync or asyncio client) running TRANSITION_SCRIPT."""
     pairs = [item for name, value in fields.items() for item in (name, str(value))]
-    return (TRANSITION_SCRIPT, 1, job_key(job_id), len(allowed), *allowed, *pairs)
+    ended = repr(time.time()) if fields.get("state") in ENDED_STATES else ""
+    return (TRANSITION_SCRIPT, 2, job_key(job_id), JOBS_ENDED_KEY, job_id, ended, len(allowed), *allowed, *pairs)
 
 
 def chunk_count(total: int, chunk_size: int) -> int:
@@ -97,5 +119,18 @@ def job_dir(data_dir: Path, job_id: str) -> Path:
     return Path(data_dir) / "jobs" / job_id
 
 
-def result_path(data_dir: Path, job_id: str, fmt: str) -> Path:
-    return job_dir(data_dir, job_id) / RESULT_NAMES[fmt]
+def shard_count(fmt: str, total: int, shard_size: int) -> int:
+    """An npz result is one file; a png result is a tar per `shard_size` samples."""
+    return 1 if fmt == "npz" else chunk_count(total, shard_size)
+
+
+def result_paths(data_dir: Path, job_id: str, fmt: str, shards: int) -> list[Path]:
+    directory = job_dir(data_dir, job_id)
+    if fmt == "npz":
+        return [directory / "result.npz"]
+    return [directory / f"result-{shard:05d}.tar" for shard in range(shards)]
+
+
+def discard_chunks(data_dir: Path, job_id: str) -> None:
+    """Remove a job's chunk files (assembled, cancelled or failed: nobody reads them again)."""
+    shutil.rmtree(job_dir(data_dir, job_id) / "chunks", ignore_errors=True)

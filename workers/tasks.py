@@ -14,7 +14,7 @@ import redis
 from celery import signals
 
 from workers.celery_app import app, settings
-from workers.engine import ModelRegistry, render_request
+from workers.engine import ModelRefused, ModelRegistry, render_request
 from workers.jobs import run_chunk
 from workers.presence import WorkerPresence
 from workers.protocol import CHUNK_TASK, RENDER_TASK, STATS_KEY, reply_key
@@ -44,6 +44,8 @@ def render(self, request: dict) -> None:
     """Render an interactive request and push {"ok": payload} or {"error", "status"} to its reply list."""
     try:
         reply = {"ok": render_request(registry, request)}
+    except ModelRefused as exc:
+        reply = {"error": f"{exc}; the version is unavailable until its files are restored", "status": 503}
     except Exception as exc:
         logger.exception("render failed for %s/%s", request.get("family"), request.get("version"))
         reply = {"error": f"the worker could not render this request: {type(exc).__name__}: {exc}", "status": 500}

@@ -1,0 +1,188 @@
+"""ImageNet family speed at 256 px: the CGN teacher (3 × BigGAN-deep-256 + U²-Net) vs TinyGAN-256 students.
+
+Parameters, MACs per image and images/s per mechanism and for one counterfactual (noise, the three
+mechanisms, composition with core.compose, uint8), in PyTorch on CPU (plus CUDA when present), and for the
+students also through onnxruntime on CPU, the served path. Speed does not depend on the weights, so the
+teacher is randomly initialised unless --teacher-path names a cgn.pth, and the students are the
+TinyGAN-256 preset with random weights, exported to a temporary folder, unless --model-dir names an
+exported version.
+
+    python -m benchmarks.imagenet_speed [--batch 1] [--reps 3] [--teacher-path cgn.pth] [--model-dir DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from benchmarks.models import (
+    TeacherMechanism, attempt, cost, counterfactual_ms, fused_runner, images_per_second, inputs, torch_runner,
+)
+from core.manifest import load_manifest
+from core.noise import MECHANISMS, NoiseSpec
+from training.evaluation import report
+from training.evaluation.sources import session_options
+from training.export import export_students
+from training.students import StudentConfig, TinyGenerator
+from training.teachers import cgn_imagenet as cgn
+
+COUNTERFACTUAL = "counterfactual"
+NOISE = NoiseSpec(cgn.LATENT_DIM, "truncated_normal", cgn.DEFAULT_TRUNCATION, True)
+TEACHER_PARTS = {"shape": ("f_shape", "u2net"), "texture": ("f_text",), "background": ("f_bg",)}
+
+
+def parameters(*modules: torch.nn.Module) -> int:
+    return sum(p.numel() for module in modules for p in module.parameters())
+
+
+def students_from(model_dir: Path | None, out_dir: Path) -> tuple[dict[str, torch.nn.Module], Path, dict]:
+    """PyTorch students of the version's config (the TinyGAN-256 preset by default), the folder of their
+    ONNX graphs and the manifest blocks naming them."""
+    manifest = load_manifest(model_dir) if model_dir is not None else None
+    if manifest is not None:
+        config = StudentConfig(**manifest["training"]["student"])
+    else:
+        config = StudentConfig(z_dim=cgn.LATENT_DIM, n_classes=cgn.N_CLASSES, image_size=cgn.IMAGE_SIZE,
+                               channels=list(cgn.STUDENT_CHANNELS), embed_dim=cgn.STUDENT_EMBED_DIM)
+    torch.manual_seed(0)
+    modules = {m: TinyGenerator(config, m).eval() for m in MECHANISMS}
+    if manifest is None:
+        return modules, out_dir, export_students(modules, out_dir)
+    return modules, model_dir, manifest
+
+
+def torch_speeds(modules: dict, batch: int, device: str, reps: int) -> dict[str, float | str]:
+    """images/s per mechanism at `batch`, and for one counterfactual at batch 1."""
+    moved = {m: module.to(device) for m, module in modules.items()}
+    z, y = (torch.from_numpy(a).to(device) for a in inputs(batch, NOISE))
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+    def step(mechanism):
+        def run():
+            with torch.no_grad():
+                moved[mechanism](z, y)
+            sync()
+        return run
+
+    speeds = {m: attempt(lambda m=m: images_per_second(step(m), batch, 0.0, reps)) for m in MECHANISMS}
+    ms = counterfactual_ms(torch_runner(moved, device), NOISE, cgn.IMAGE_SIZE, False, 0.0)
+    speeds[COUNTERFACTUAL] = 1000.0 / ms if isinstance(ms, float) else ms
+    return speeds
+
+
+def onnx_speeds(model_dir: Path, manifest: dict, batch: int, reps: int) -> dict[str, float | str]:
+    import onnxruntime as ort
+
+    options = session_options(0)
+    z, y = inputs(batch, NOISE)
+    speeds = {}
+    for m in MECHANISMS:
+        session = ort.InferenceSession(str(model_dir / manifest["mechanisms"][m]["file"]), options,
+                                       providers=["CPUExecutionProvider"])
+        speeds[m] = attempt(lambda s=session: images_per_second(lambda: s.run(None, {"z": z, "y": y}), batch, 0.0, reps))
+    fused = ort.InferenceSession(str(model_dir / manifest["fused"]["file"]), options, providers=["CPUExecutionProvider"])
+    ms = counterfactual_ms(fused_runner(fused), NOISE, cgn.IMAGE_SIZE, False, 0.0)
+    speeds[COUNTERFACTUAL] = 1000.0 / ms if isinstance(ms, float) else ms
+    return speeds
+
+
+def run(args: argparse.Namespace) -> dict:
+    print("building the teacher ...", file=sys.stderr)
+    teacher = cgn.load_teacher(args.teacher_path) if args.teacher_path else cgn.random_teacher()
+    teacher_mods = {m: TeacherMechanism(teacher, m).eval() for m in MECHANISMS}
+    z1, y1 = (torch.from_numpy(a) for a in inputs(1, NOISE))
+    result = {
+        "image_size": cgn.IMAGE_SIZE, "batch": args.batch, "reps": args.reps,
+        "teacher_weights": args.teacher_path or "random initialisation (timing only)",
+        "host": {"machine": platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__,
+                 "torch_threads": torch.get_num_threads(), "cuda": torch.cuda.get_device_name(0)
+                 if torch.cuda.is_available() else None, "loadavg_start": os.getloadavg()},
+        "images_per_second": {},
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        print("exporting the students ...", file=sys.stderr)
+        student_mods, model_dir, blocks = students_from(Path(args.model_dir) if args.model_dir else None, Path(tmp))
+        result["student_weights"] = (f"ONNX of {args.model_dir}, PyTorch rows its config with random weights"
+                                     if args.model_dir else "random TinyGAN-256 preset (timing only)")
+        used = {"teacher": {m: [getattr(teacher, part) for part in TEACHER_PARTS[m]] for m in MECHANISMS},
+                "student": {m: [student_mods[m]] for m in MECHANISMS}}
+        result["cost"] = {}
+        for name, mods in (("teacher", teacher_mods), ("student", student_mods)):
+            per = {m: {"parameters": parameters(*used[name][m]), "macs_per_image": cost(mods[m], z1, y1)["macs_per_image"]}
+                   for m in MECHANISMS}
+            # No weights are shared between mechanisms, so a counterfactual's cost is their sum.
+            per[COUNTERFACTUAL] = {key: sum(per[m][key] for m in MECHANISMS) for key in ("parameters", "macs_per_image")}
+            result["cost"][name] = per
+        speeds = result["images_per_second"]
+        print("timing the students with onnxruntime on cpu ...", file=sys.stderr)
+        speeds["student/onnxruntime-cpu"] = onnx_speeds(model_dir, blocks, args.batch, args.reps)
+    for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
+        for name, modules in (("student", student_mods), ("teacher", teacher_mods)):
+            print(f"timing the {name} with PyTorch on {device} ...", file=sys.stderr)
+            speeds[f"{name}/pytorch-{device}"] = torch_speeds(modules, args.batch, device, args.reps)
+    result["host"]["loadavg_end"] = os.getloadavg()
+    result["speedup"] = {}  # student over teacher images/s, on the same device
+    for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
+        base = speeds[f"teacher/pytorch-{device}"]
+        for engine in (f"student/pytorch-{device}", f"student/onnxruntime-{device}"):
+            if engine in speeds:
+                result["speedup"][f"{engine} vs teacher/pytorch-{device}"] = {
+                    key: speeds[engine][key] / base[key] for key in [*MECHANISMS, COUNTERFACTUAL]
+                    if isinstance(speeds[engine][key], float) and isinstance(base[key], float)}
+    return result
+
+
+def markdown(result: dict) -> str:
+    keys = [*MECHANISMS, COUNTERFACTUAL]
+    teacher, student = result["cost"]["teacher"], result["cost"]["student"]
+    cost_rows = [[key, f"{teacher[key]['parameters'] / 1e6:.2f} M", f"{student[key]['parameters'] / 1e6:.2f} M",
+                  f"{teacher[key]['parameters'] / student[key]['parameters']:.1f}×",
+                  f"{teacher[key]['macs_per_image'] / 1e9:.1f}", f"{student[key]['macs_per_image'] / 1e9:.2f}"]
+                 for key in keys]
+    fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else v  # noqa: E731
+    speed_rows = [[engine] + [fmt(values[key]) for key in keys] for engine, values in result["images_per_second"].items()]
+    ratio_rows = [[pair] + [f"{ratios[key]:.0f}×" if key in ratios else "" for key in keys]
+                  for pair, ratios in result["speedup"].items()]
+    host = result["host"]
+    return "\n".join([
+        f"### ImageNet family at {result['image_size']} px: teacher vs TinyGAN-256 students",
+        "",
+        f"Host: {host['cpus']} CPUs ({host['machine']}), torch {host['torch']} with {host['torch_threads']} threads"
+        + (f", GPU {host['cuda']}" if host["cuda"] else ", no GPU")
+        + f"; load average {host['loadavg_start'][0]:.1f} at start, {host['loadavg_end'][0]:.1f} at end. "
+        f"Batch {result['batch']} per mechanism, a counterfactual at batch 1; {result['reps']} timed calls after one "
+        f"warm-up. Teacher: {result['teacher_weights']}; students: {result['student_weights']}.",
+        "",
+        report.table(["", "teacher parameters", "student parameters", "ratio", "teacher GMACs / image",
+                      "student GMACs / image"], cost_rows),
+        "",
+        report.table(["images / s", *keys], speed_rows),
+        "",
+        report.table(["speedup", *keys], ratio_rows),
+    ])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=1, help="batch size of the per-mechanism timings")
+    parser.add_argument("--reps", type=int, default=3, help="timed calls per measurement, after one warm-up")
+    parser.add_argument("--teacher-path", help="the CGN's cgn.pth (default: a randomly initialised teacher)")
+    parser.add_argument("--model-dir", help="an exported imagenet version folder (default: random preset students)")
+    parser.add_argument("--results-json", default="benchmarks/results/imagenet_speed.json")
+    parser.add_argument("--results-md", default="docs/RESULTS.md", help="Markdown file whose imagenet section is updated")
+    args = parser.parse_args(argv)
+    result = run(args)
+    report.write_json(args.results_json, result)
+    body = markdown(result)
+    report.update_section(args.results_md, "bench-imagenet-speed", body)
+    print(body)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,137 @@
+"""Job records as the gateway sees them: status, ownership, listing, deletion and retention.
+
+A job hash (`skdcgn:job:<id>`) is written by the gateway and moved through its states by the transition
+script, by the gateway and the workers alike. Each owner (the hash of an API key, or `public`) has an index of
+its jobs by creation time, which GET /jobs pages through; the transition script files ended jobs by end time,
+which is the retention clock, so the cleanup never sees a queued or running job. Result files live in the
+data directory the gateway shares with the workers.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import shutil
+import time
+from pathlib import Path
+
+import redis.asyncio as aioredis
+
+from service.broker import ServiceError
+from workers.protocol import (
+    JOB_ID_PATTERN, JOBS_ENDED_KEY, STATS_KEY, SUCCEEDED, done_samples, job_chunks_key, job_dir, job_key,
+    jobs_index_key,
+)
+
+logger = logging.getLogger(__name__)
+CURSOR_PATTERN = re.compile(r"^(\d+):([0-9a-f]{32})$")  # "<created epoch ms>:<id>" of the last job of a page
+SCAN_BATCH = 100  # index entries read per round trip while filling a page or expiring jobs
+STATUS_FIELDS = ("id", "state", "model", "version", "manifest_sha256", "format", "created", "started", "finished",
+                 "error")
+
+
+def status_view(record: dict, done_chunks: int, last_chunk_done: bool) -> dict:
+    """The JobStatus body of a job hash, given how many of its chunks are on disk."""
+    total, chunk_size = int(record["n"]), int(record["chunk_size"])
+    succeeded = record["state"] == SUCCEEDED
+    status = {key: record.get(key) for key in STATUS_FIELDS}
+    status.update(seed=int(record["seed"]), shards=int(record["shards"]), progress={
+        "done": total if succeeded else done_samples(done_chunks, last_chunk_done, chunk_size, total), "total": total})
+    if succeeded:
+        status["result_url"] = f"/jobs/{record['id']}/result"
+    return status
+
+
+class JobStore:
+    def __init__(self, client: aioredis.Redis, data_dir: Path):
+        self.redis, self.data_dir = client, Path(data_dir)
+
+    async def create(self, record: dict) -> None:
+        pipe = self.redis.pipeline()
+        pipe.hset(job_key(record["id"]), mapping=record)
+        pipe.zadd(jobs_index_key(record["owner"]), {record["id"]: int(time.time() * 1000)})
+        pipe.hincrby(STATS_KEY, "jobs_submitted", 1)
+        await pipe.execute()
+
+    async def record(self, job_id: str, owner: str) -> dict:
+        """The job hash; 404 when there is none, or it belongs to another API key (which must not learn it exists)."""
+        if not JOB_ID_PATTERN.match(job_id):  # before the id comes near Redis or the file system
+            raise ServiceError(404, f"no job {job_id!r}: job ids are 32 lowercase hex digits")
+        record = await self.redis.hgetall(job_key(job_id))
+        if not record or record["owner"] != owner:
+            raise ServiceError(404, f"no job {job_id}")
+        return record
+
+    async def views(self, records: list[dict]) -> list[dict]:
+        """Status bodies of job hashes, their progress read in one round trip."""
+        pipe = self.redis.pipeline()
+        for record in records:
+            chunks = job_chunks_key(record["id"])
+            pipe.scard(chunks).sismember(chunks, int(record["chunks"]) - 1)
+        counts = await pipe.execute()
+        return [status_view(record, counts[2 * i], bool(counts[2 * i + 1])) for i, record in enumerate(records)]
+
+    async def status(self, job_id: str, owner: str) -> dict:
+        (status,) = await self.views([await self.record(job_id, owner)])
+        return status
+
+    async def page(self, owner: str, state: str | None, limit: int, cursor: str | None) -> dict:
+        """Up to `limit` of the owner's jobs in `state` (any when None), newest first, after `cursor`."""
+        top, after = "+inf", None
+        if cursor:
+            match = CURSOR_PATTERN.match(cursor)
+            if not match:
+                raise ServiceError(422, f"cursor: {cursor!r} is not a cursor this server returned (next_cursor)")
+            top, after = int(match[1]), match[2]
+        index, offset, found = jobs_index_key(owner), 0, []
+        while len(found) <= limit:  # one more than a page tells whether another page follows
+            batch = await self.redis.zrevrangebyscore(index, top, "-inf", start=offset, num=SCAN_BATCH,
+                                                      withscores=True)
+            if not batch:
+                break
+            offset += len(batch)
+            pipe = self.redis.pipeline()
+            for job_id, _ in batch:
+                pipe.hgetall(job_key(job_id))
+            for (job_id, score), record in zip(batch, await pipe.execute()):
+                # Jobs created in the cursor's millisecond come in descending id order: skip those already listed.
+                if after is not None and score == top and job_id >= after:
+                    continue
+                if record and (state is None or record["state"] == state):
+                    found.append((int(score), record))
+                    if len(found) > limit:
+                        break
+        page, more = found[:limit], len(found) > limit
+        jobs = await self.views([record for _, record in page])
+        return {"jobs": jobs, "next_cursor": f"{page[-1][0]}:{page[-1][1]['id']}" if more else None}
+
+    async def delete(self, record: dict) -> None:
+        """Remove an ended job: its files first, then its record and index entries."""
+        job_id = record["id"]
+        await asyncio.to_thread(shutil.rmtree, job_dir(self.data_dir, job_id), ignore_errors=True)
+        pipe = self.redis.pipeline()
+        pipe.delete(job_key(job_id), job_chunks_key(job_id))
+        pipe.zrem(jobs_index_key(record["owner"]), job_id).zrem(JOBS_ENDED_KEY, job_id)
+        await pipe.execute()
+
+    async def expire(self, retention_s: float) -> int:
+        """Delete the jobs that ended more than `retention_s` ago; returns how many."""
+        cutoff, removed = time.time() - retention_s, 0
+        while ids := await self.redis.zrangebyscore(JOBS_ENDED_KEY, "-inf", cutoff, start=0, num=SCAN_BATCH):
+            for job_id in ids:
+                record = await self.redis.hgetall(job_key(job_id))
+                if record:
+                    await self.delete(record)
+                    removed += 1
+                else:  # deleted through DELETE /jobs/{id} meanwhile
+                    await self.redis.zrem(JOBS_ENDED_KEY, job_id)
+        return removed
+
+    async def cleanup_forever(self, retention_s: float, interval_s: float) -> None:
+        """The gateway's periodic retention pass; every gateway may run one, deleting twice is harmless."""
+        while True:
+            try:
+                await self.expire(retention_s)
+            except Exception:  # Redis away, a file system hiccup: the next pass retries, the gateway serves on
+                logger.exception("job cleanup failed; retrying in %g s", interval_s)
+            await asyncio.sleep(interval_s)
