@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import gzip
-import os
 import shutil
 import subprocess
 import sys
@@ -12,13 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.paths import MNIST_DIR, REPO, SHARED, TEXTURE_DIR
 from training import data
 from training.fetch import ChecksumError
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("SKDCGN_SHARED", REPO.parent / "shared"))
-MNIST_DIR = SHARED / "data" / "mnist"
-TEXTURE_DIR = SHARED / "data" / "textures"
 TEST_FILES = [f"{name}.gz" for name in data.MNIST_FILES["test"]]
 
 needs_mnist = pytest.mark.skipif(

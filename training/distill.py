@@ -96,7 +96,7 @@ def train_student(
     rng = np.random.default_rng([args.seed, list(HEADS).index(mechanism)])
     checkpoint_path = work_dir / f"{mechanism}.pt"
     log: list[dict] = []
-    start = 0
+    start, earlier_seconds = 0, 0.0
     if checkpoint_path.is_file():
         state = torch.load(checkpoint_path, map_location=device, weights_only=False)
         student.load_state_dict(state["student"])
@@ -105,11 +105,13 @@ def train_student(
         opt_d.load_state_dict(state["opt_d"])
         rng.bit_generator.state = state["rng"]
         log, start = state["log"], state["step"]
+        earlier_seconds = state.get("seconds", 0.0)
+    started = time.time()
 
     def save(step: int) -> None:
         state = {"student": student.state_dict(), "discriminator": disc.state_dict(), "opt_g": opt_g.state_dict(),
                  "opt_d": opt_d.state_dict(), "rng": rng.bit_generator.state, "log": log, "step": step,
-                 "config": config.to_dict()}
+                 "config": config.to_dict(), "seconds": earlier_seconds + time.time() - started}
         with atomic_path(checkpoint_path) as tmp:
             torch.save(state, tmp)
 
@@ -158,7 +160,7 @@ def train_student(
     bar.close()
     if start < steps:
         save(steps)
-    return student.eval(), log
+    return student.eval(), log, earlier_seconds + time.time() - started
 
 
 def predict(student: TinyGenerator, z: np.ndarray, y: np.ndarray, device: torch.device, batch: int = 500) -> np.ndarray:
@@ -374,12 +376,11 @@ def run(args: argparse.Namespace) -> Path:
     if args.embed_dim is not None:
         preset["embed_dim"] = args.embed_dim
     config = StudentConfig(z_dim=teacher.noise.dim, n_classes=teacher.n_classes, image_size=teacher.image_size, **preset)
-    students, log = {}, []
-    started = time.time()
+    students, log, train_seconds = {}, [], {}
     for mechanism in args.mechanisms:
-        students[mechanism], mechanism_log = train_student(mechanism, bank, config, weights, args, device, work_dir)
+        students[mechanism], mechanism_log, train_seconds[mechanism] = train_student(
+            mechanism, bank, config, weights, args, device, work_dir)
         log += mechanism_log
-    train_seconds = time.time() - started
     students = {m: s.cpu() for m, s in students.items()}
     cpu = torch.device("cpu")
 
@@ -404,7 +405,7 @@ def run(args: argparse.Namespace) -> Path:
             "student_parameters": {m: count_parameters(s) for m, s in students.items()},
             "training": {
                 "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "betas": [0.0, 0.9],
-                "seed": args.seed, "device": str(device), "seconds": round(train_seconds, 1),
+                "seed": args.seed, "device": str(device), "seconds": {m: round(t, 1) for m, t in train_seconds.items()},
                 "student": config.to_dict(), "discriminator_channels": args.disc_channels,
                 "loss_weights": weights.__dict__, "kl": "mean per-pixel Bernoulli KL(teacher || student)",
                 "bank": bank_spec.to_dict(), "classes": args.classes,
