@@ -20,7 +20,7 @@ from benchmarks import models as model_bench
 from benchmarks import serving
 from core.noise import MECHANISMS, NoiseSpec
 from tests.paths import SHARED, needs_shared
-from tests.test_evaluate import FAMILY, tiny_model_repo
+from tests.test_evaluate import FAMILY, restore_torch_threads, tiny_model_repo  # noqa: F401 - a fixture
 from training.teachers import load_teacher
 
 
@@ -68,17 +68,13 @@ def test_teacher_cost_and_onnx_exports_take_any_batch(tmp_path):
 
 
 @needs_shared
-def test_model_benchmark_writes_results(tmp_path):
+def test_model_benchmark_writes_results(tmp_path, restore_torch_threads):
     models = tiny_model_repo(tmp_path / "models")
     results, md = tmp_path / "results", tmp_path / "docs" / "RESULTS.md"
-    threads = torch.get_num_threads()
-    try:
-        assert model_bench.main([
-            "--family", FAMILY, "--models-dir", str(models), "--runs-dir", str(tmp_path / "runs"),
-            "--teacher-path", str(SHARED / "teachers" / "cgn_mnist"), "--batches", "1,4", "--min-seconds", "0",
-            "--torch-threads", "1", "--results-dir", str(results), "--results-md", str(md)]) == 0
-    finally:
-        torch.set_num_threads(threads)
+    assert model_bench.main([
+        "--family", FAMILY, "--models-dir", str(models), "--runs-dir", str(tmp_path / "runs"),
+        "--teacher-path", str(SHARED / "teachers" / "cgn_mnist"), "--batches", "1,4", "--min-seconds", "0",
+        "--threads", "1", "--torch-threads", "1", "--results-dir", str(results), "--results-md", str(md)]) == 0
     result = json.loads((results / f"models_{FAMILY}.json").read_text())
     for engine in ("teacher/onnxruntime-cpu", "student/onnxruntime-cpu", "teacher/pytorch-cpu", "student/pytorch-cpu"):
         per_batch = result["images_per_second"][engine]["fused" if "onnx" in engine else "all"]

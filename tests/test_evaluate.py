@@ -129,10 +129,18 @@ def test_update_section_replaces_only_its_own_block(tmp_path):
     assert text.index("second A") < text.index("only B")
 
 
+@pytest.fixture
+def restore_torch_threads():
+    """The CLI's --threads sets torch's global thread count (1 keeps tiny runs fast on a busy CPU): undo it."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @needs_shared
-def test_tiny_invariance_and_fidelity_runs_write_results(tmp_path):
+def test_tiny_invariance_and_fidelity_runs_write_results(tmp_path, restore_torch_threads):
     models = tiny_model_repo(tmp_path / "models")
-    common = ["--family", FAMILY, "--models-dir", str(models), "--results-dir", str(tmp_path / "results"),
+    common = ["--family", FAMILY, "--models-dir", str(models), "--results-dir", str(tmp_path / "results"), "--threads", "1",
               "--results-md", str(tmp_path / "docs" / "RESULTS.md"), "--data-dir", str(SHARED / "data"),
               "--teacher-path", str(SHARED / "teachers" / "cgn_mnist")]
     # The real arm is the same fit_and_score on 5,000 digits: left out to keep the suite fast. Arms trained in

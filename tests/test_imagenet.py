@@ -219,7 +219,7 @@ def test_the_256px_family_is_served(distilled, tmp_path):
     """Redis, a Celery worker and the gateway serve the exported family: class names and 256-px images."""
     import httpx
 
-    from tests.conftest import ServiceStack
+    from tests.service_stack import ServiceStack
     from tests.service_helpers import images_of
 
     stack = ServiceStack(tmp_path, distilled.parents[1], default_model="imagenet")

@@ -44,7 +44,7 @@ VALUE_RANGE = {"shape": (0.0, 1.0), "texture": (-1.0, 1.0), "background": (-1.0,
 EVAL_BATCH = 32
 BASELINE_MEMORY = 256 << 20  # bytes of per-class float64 sums the class-mean baseline holds at once
 COMPARISON_COLUMNS = 10
-LOG_FIELDS = ["mechanism", "step", "epoch", "loss_d", "loss_g", "pix", "adv", "feat", "kl", "lambda_pix"]
+LOG_FIELDS = ["mechanism", "step", "epoch", "loss_d", "loss_g", "pix", "adv", "feat", "kl", "lambda_pix", "lr"]
 
 
 class DistillError(RuntimeError):
@@ -103,6 +103,8 @@ def train_student(
         disc.load_state_dict(state["discriminator"])
         opt_g.load_state_dict(state["opt_g"])
         opt_d.load_state_dict(state["opt_d"])
+        for group in opt_g.param_groups + opt_d.param_groups:  # --lr given now wins over the checkpoint's
+            group["lr"] = args.lr
         rng.bit_generator.state = state["rng"]
         log, start = state["log"], state["step"]
         earlier_seconds = state.get("seconds", 0.0)
@@ -152,7 +154,8 @@ def train_student(
 
         if step % args.log_every == 0 or step == steps - 1:
             row = {"mechanism": mechanism, "step": step, "epoch": round(epoch, 4), "loss_d": float(loss_d),
-                   "loss_g": float(loss_g), "lambda_pix": lambda_pix, **{k: float(v) for k, v in terms.items()}}
+                   "loss_g": float(loss_g), "lambda_pix": lambda_pix, "lr": args.lr,
+                   **{k: float(v) for k, v in terms.items()}}
             log.append(row)
             bar.set_postfix(pix=f"{row['pix']:.4f}", feat=f"{row['feat']:.3f}", kl=f"{row['kl']:.4f}")
         if (step + 1) % args.checkpoint_every == 0:
@@ -300,7 +303,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", default="6000",
                         help="training steps per mechanism: N, or per mechanism, e.g. shape=6000,texture=2000")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate (on --resume it replaces the saved one)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda[:N]")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--channels", default=None,

@@ -94,8 +94,9 @@ ARM_TITLES = {"real": "real digits, biased (t10k[:5000], label colours)", "teach
 
 def invariance_markdown(result: dict, note: str = "") -> str:
     config, mask = result["config"], result["mask"]
-    rows = [[ARM_TITLES.get(name, name), pm(arm["train_accuracy"]), pm(arm["test_accuracy"]), len(arm["runs"])]
-            for name, arm in result["arms"].items()]
+    order = sorted(result["arms"], key=lambda name: list(ARM_TITLES).index(name) if name in ARM_TITLES else len(ARM_TITLES))
+    rows = [[ARM_TITLES.get(name, name), pm(result["arms"][name]["train_accuracy"]),
+             pm(result["arms"][name]["test_accuracy"]), len(result["arms"][name]["runs"])] for name in order]
     setting = ("unmodified masks" if mask["setting"] == "unmodified" else
                f"modified masks (noise σ {mask['noise_std']:g}, rotation ±{mask['rotation_deg']:g}°, "
                f"transparency {mask['transparency']:g})")
