@@ -91,6 +91,21 @@ def test_student_overfits_a_fixed_batch():
     assert history[-1] < 0.4 * history[0]
 
 
+def test_parity_check_catches_a_frozen_batch_axis(tmp_path):
+    class FrozenBatch(torch.nn.Module):
+        """view(len(z), ...) traces the batch size as a constant: the exported graph only takes batch 16."""
+
+        def forward(self, z, y):
+            return torch.sigmoid(z.view(len(z), 1, 4, 8) + y.view(len(y), 1, 1, 1).float())
+
+    module = FrozenBatch()
+    feeds = {"z": np.zeros((export.PARITY_BATCH, 32), np.float32), "y": np.zeros(export.PARITY_BATCH, np.int64)}
+    path = tmp_path / "frozen.onnx"
+    export._export(module, tuple(torch.from_numpy(v) for v in feeds.values()), ["z", "y"], ["mask"], path)
+    with pytest.raises(export.ParityError, match=f"fails at batch {export.PARITY_SECOND_BATCH}"):
+        export._parity(path, module, feeds, ["mask"])
+
+
 def tiny_args(tmp_path, out, *extra):
     return [
         "--teacher", "double_colored", "--teacher-path", str(TEACHERS_DIR), "--out", str(out),

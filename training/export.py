@@ -19,6 +19,7 @@ from training.students import HEADS, TinyGenerator
 
 PARITY_TOLERANCE = 1e-4
 PARITY_BATCH = 16
+PARITY_SECOND_BATCH = 3
 OPSET = 17
 VALUE_RANGES = {"mask": [0.0, 1.0], "texture": [-1.0, 1.0], "background": [-1.0, 1.0]}
 
@@ -47,15 +48,26 @@ def _export(module: nn.Module, inputs: tuple, input_names: list[str], output_nam
 
 
 def _parity(path: Path, module: nn.Module, feeds: dict[str, np.ndarray], output_names: list[str]) -> float:
+    """Max |onnxruntime − PyTorch| over the export batch and a smaller one.
+
+    The second batch size catches a graph whose batch axis was frozen at trace time, which a check at the
+    traced size alone would pass.
+    """
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    onnx_outputs = session.run(output_names, feeds)
-    with torch.no_grad():
-        torch_outputs = module(*(torch.from_numpy(value) for value in feeds.values()))
-    if isinstance(torch_outputs, torch.Tensor):
-        torch_outputs = (torch_outputs,)
-    diff = max(float(np.abs(o - t.numpy()).max()) for o, t in zip(onnx_outputs, torch_outputs))
+    diff = 0.0
+    for size in (PARITY_BATCH, PARITY_SECOND_BATCH):
+        batch = {name: value[:size] for name, value in feeds.items()}
+        try:
+            onnx_outputs = session.run(output_names, batch)
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise ParityError(f"{path.name}: onnxruntime fails at batch {size}: {exc}") from exc
+        with torch.no_grad():
+            torch_outputs = module(*(torch.from_numpy(value) for value in batch.values()))
+        if isinstance(torch_outputs, torch.Tensor):
+            torch_outputs = (torch_outputs,)
+        diff = max([diff] + [float(np.abs(o - t.numpy()).max()) for o, t in zip(onnx_outputs, torch_outputs)])
     if not diff <= PARITY_TOLERANCE:
         raise ParityError(f"{path.name}: onnxruntime differs from PyTorch by {diff:.2e} (> {PARITY_TOLERANCE:g})")
     return diff
