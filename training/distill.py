@@ -153,9 +153,9 @@ def train_student(
         opt_g.step()
 
         if step % args.log_every == 0 or step == steps - 1:
-            row = {"mechanism": mechanism, "step": step, "epoch": round(epoch, 4), "loss_d": float(loss_d),
-                   "loss_g": float(loss_g), "lambda_pix": lambda_pix, "lr": args.lr,
-                   **{k: float(v) for k, v in terms.items()}}
+            row = {"mechanism": mechanism, "step": step, "epoch": round(epoch, 4), "loss_d": loss_d.item(),
+                   "loss_g": loss_g.item(), "lambda_pix": lambda_pix, "lr": args.lr,
+                   **{k: v.item() for k, v in terms.items()}}
             log.append(row)
             bar.set_postfix(pix=f"{row['pix']:.4f}", feat=f"{row['feat']:.3f}", kl=f"{row['kl']:.4f}")
         if (step + 1) % args.checkpoint_every == 0:
