@@ -1,6 +1,8 @@
 """The HTTP API against a real Redis, Celery worker and uvicorn: success paths, determinism, cache, bad input."""
 from __future__ import annotations
 
+import re
+
 import shutil
 import subprocess
 import sys
@@ -133,7 +135,7 @@ BAD_INPUTS = [
     ("misspelt field", "/counterfactual", {"shap": 1, "shape": 1, "texture": 1, "background": 1}, 422,
      "shap: Extra inputs are not permitted"),
     ("unknown model", "/counterfactual", {"model": "nope", "shape": 1, "texture": 1, "background": 1}, 404,
-     f"available models: {FAMILY}"),
+     f"available models: .*{FAMILY}"),
     ("unknown version", "/counterfactual", {"version": "v999", "shape": 1, "texture": 1, "background": 1}, 404,
      "available:"),
     ("n over the maximum", "/counterfactual", {"shape": 1, "texture": 1, "background": 1, "n": 17}, 422,
@@ -162,7 +164,7 @@ def test_bad_input_is_rejected_before_any_work(client, path, body, status, messa
     before = client.get("/metrics").text
     answer = client.post(path, json=body)
     assert answer.status_code == status, answer.text
-    assert message in answer.json()["error"]
+    assert re.search(message, answer.json()["error"]), answer.json()["error"]  # messages are regex patterns
     after = client.get("/metrics").text
     # Nothing was looked up in the cache (the step before queueing) and no job was submitted.
     for name, labels in (("skdcgn_cache_misses_total", {"endpoint": "counterfactual"}),
