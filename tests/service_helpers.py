@@ -18,6 +18,17 @@ FAMILY = "double_colored_mnist"
 JOB_TIMEOUT_S = 90
 
 
+def poll(check, timeout: float, what: str):
+    """Call `check` until it returns something truthy; bounded."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = check()
+        if result:
+            return result
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
 def images_of(payload: dict, field: str = "images") -> np.ndarray:
     return np.stack([decode(base64.b64decode(image)) for image in payload[field]])
 

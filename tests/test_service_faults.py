@@ -12,21 +12,11 @@ import numpy as np
 import pytest
 
 from tests.service_helpers import (
-    FAMILY, counterfactual, current_version, images_of, load_npz, new_version, swap_texture_and_background, wait_job,
+    FAMILY, counterfactual, current_version, images_of, load_npz, new_version, poll, swap_texture_and_background,
+    wait_job,
 )
 from tests.service_stack import ServiceStack
 from training.registry import promote, rollback
-
-
-def poll(check, timeout: float, what: str):
-    """Call `check` until it returns something truthy; bounded."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = check()
-        if result:
-            return result
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def test_flood_gets_429_with_retry_after_and_a_stuck_worker_504(stack):

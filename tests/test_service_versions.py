@@ -27,23 +27,13 @@ from core.manifest import load_manifest
 from service.config import Settings
 from tests.conftest import copy_models
 from tests.service_helpers import (
-    FAMILY, REPO, counterfactual, current_version, images_of, load_npz, new_version, swap_texture_and_background,
+    FAMILY, REPO, counterfactual, current_version, images_of, load_npz, new_version, poll, swap_texture_and_background,
     wait_job,
 )
 from tests.service_stack import ServiceStack
 
 SHARD = 50  # samples per tar shard in this module's stack
 KEYS = {"a": "key-a-0123456789", "b": "key-b-0123456789", "lister": "key-lister-0123456789"}
-
-
-def poll(check, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = check()
-        if result:
-            return result
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 @pytest.fixture(scope="module")
