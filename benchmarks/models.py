@@ -29,6 +29,7 @@ from core.imageio import to_uint8
 from core.noise import MECHANISMS, NoiseSpec, draw_sample_noise
 from training.evaluation import report
 from training.evaluation.sources import OnnxStudents, load_students, session_options, teacher_for_family
+from training.plots import save_figure
 from training.export import FusedStudents, _export, _parity
 from training.students import StudentConfig, TinyGenerator
 from training.teachers import load_teacher
@@ -336,10 +337,7 @@ def plot(result: dict, path: Path) -> None:
     ax.set_ylabel("images / s (three mechanisms)")
     ax.set_title(f"{result['family']}/{result['version']}: throughput vs batch")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,6 +33,7 @@ from core.imageio import to_uint8
 from core.noise import MECHANISMS, NoiseSpec, draw_sample_noise
 from training.evaluation import report
 from training.evaluation.sources import load_students
+from training.plots import save_figure
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 CONCURRENCY = (1, 8, 32)
@@ -259,10 +260,7 @@ def plot(result: dict, path: Path) -> None:
     ax.set_yscale("log")
     ax.set_title(f"POST /counterfactual latency: {result['model']}")
     ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -36,6 +36,7 @@ from training import losses
 from training.bank import OUTPUT_KEY, Bank, BankSpec, generate_bank
 from training.export import ParityError, export_students
 from training.fetch import ChecksumError
+from training.plots import save_figure
 from training.students import HEADS, ProjectionDiscriminator, StudentConfig, TinyGenerator, count_parameters
 from training.teachers.loading import TeacherAdapter, TeacherError, load_teacher_adapter, teacher_names
 
@@ -270,10 +271,7 @@ def write_loss_log(log: list[dict], csv_path: Path, png_path: Path) -> None:
         ax.set_title(f"{mechanism} student")
         ax.set_xlabel("step")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    with atomic_path(png_path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, png_path)
 
 
 def parse_steps(text: str, mechanisms: list[str], parser: argparse.ArgumentParser) -> dict[str, int]:
