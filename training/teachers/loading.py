@@ -7,7 +7,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from core.noise import NoiseSpec
+from core.noise import NoiseSpec, draw_z
 from training.teachers.cgn_mnist import IMAGE_SIZE, LATENT_DIM, N_CLASSES, TEACHERS, TeacherError, load_teacher
 
 __all__ = ["TeacherAdapter", "TeacherError", "load_teacher_adapter", "teacher_names"]
@@ -45,8 +45,6 @@ class TeacherAdapter:
         return np.concatenate(outputs)
 
     def draw_z(self, rng: np.random.Generator, count: int) -> np.ndarray:
-        from core.noise import draw_z
-
         return np.stack([draw_z(rng, self.noise) for _ in range(count)])
 
     def student_preset(self) -> dict:
