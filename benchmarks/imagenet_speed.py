@@ -47,8 +47,7 @@ def students_from(model_dir: Path | None, out_dir: Path) -> tuple[dict[str, torc
     if manifest is not None:
         config = StudentConfig(**manifest["training"]["student"])
     else:
-        config = StudentConfig(z_dim=cgn.LATENT_DIM, n_classes=cgn.N_CLASSES, image_size=cgn.IMAGE_SIZE,
-                               channels=list(cgn.STUDENT_CHANNELS), embed_dim=cgn.STUDENT_EMBED_DIM)
+        config = cgn.student_config()
     torch.manual_seed(0)
     modules = {m: TinyGenerator(config, m).eval() for m in MECHANISMS}
     if manifest is None:

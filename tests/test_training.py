@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from core.manifest import load_manifest, verify_files
-from training import distill, export, losses
+from training import distill, export, losses, students
 from training.bank import Bank
 from training.students import HEADS, ProjectionDiscriminator, StudentConfig, TinyGenerator, count_parameters
 from tests.paths import TEACHERS_DIR, needs_shared
@@ -47,9 +47,10 @@ def test_kl_is_zero_for_identical_and_positive_otherwise():
     assert losses.bernoulli_kl(-image, image, (-1.0, 1.0)).item() > 0
 
 
+@pytest.mark.parametrize("upsample", ["bilinear", "nearest"])
 @pytest.mark.parametrize("mechanism", list(HEADS))
-def test_student_shapes_and_ranges(mechanism):
-    student = TinyGenerator(StudentConfig(channels=[128, 64, 32, 16]), mechanism).eval()
+def test_student_shapes_and_ranges(mechanism, upsample):
+    student = TinyGenerator(StudentConfig(channels=[128, 64, 32, 16], upsample=upsample), mechanism).eval()
     out = student(torch.randn(5, 32) * 3, torch.randint(0, 10, (5,)))
     channels = HEADS[mechanism][1]
     assert out.shape == (5, channels, 32, 32)
@@ -66,6 +67,19 @@ def test_students_are_lighter_than_the_teacher():
 def test_bad_student_config_is_explained():
     with pytest.raises(ValueError, match="channel widths"):
         TinyGenerator(StudentConfig(channels=[64, 32]), "shape")
+    with pytest.raises(ValueError, match="upsample must be 'bilinear' or 'nearest'"):
+        TinyGenerator(StudentConfig(channels=[64, 32, 16, 8], upsample="bicubic"), "shape")
+
+
+@pytest.mark.parametrize("upsample", ["bilinear", "nearest"])
+def test_shortcut_before_upsampling_is_the_same_function(upsample):
+    """The residual shortcut runs its 1×1 conv before upsampling (cheaper); v1 checkpoints trained with the
+    opposite order must give the same outputs."""
+    torch.manual_seed(0)
+    block = students.ResBlockUp(16, 8, 4, upsample)
+    x = torch.randn(3, 16, 8, 8)
+    after = block.shortcut(students.upsample2x(x, upsample))
+    assert torch.allclose(students.upsample2x(block.shortcut(x), upsample), after, atol=1e-6)
 
 
 def test_discriminator_returns_five_features():

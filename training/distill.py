@@ -307,6 +307,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--channels", default=None,
                         help="student widths, comma-separated (4×4 first; default: the teacher's student preset)")
     parser.add_argument("--embed-dim", type=int, help="student class-embedding size (default: the teacher's preset)")
+    parser.add_argument("--upsample", choices=("nearest", "bilinear"),
+                        help="student upsampling (default: the teacher's preset)")
     parser.add_argument("--disc-channels", default="16,32,64,128,128")
     parser.add_argument("--lambda-pix", type=float, default=0.2)
     parser.add_argument("--pix-decay", type=float, default=0.01)
@@ -376,6 +378,8 @@ def run(args: argparse.Namespace) -> Path:
         preset["channels"] = [int(c) for c in args.channels.split(",")]
     if args.embed_dim is not None:
         preset["embed_dim"] = args.embed_dim
+    if args.upsample:
+        preset["upsample"] = args.upsample
     config = StudentConfig(z_dim=teacher.noise.dim, n_classes=teacher.n_classes, image_size=teacher.image_size, **preset)
     students, log, train_seconds = {}, [], {}
     for mechanism in args.mechanisms:

@@ -24,6 +24,9 @@ class StudentConfig:
     image_size: int = 32
     embed_dim: int = 32
     channels: list[int] = field(default_factory=lambda: [128, 64, 32, 32])  # 4×4, then one per upsampling
+    # "bilinear" (v1 students) or "nearest" (BigGAN/TinyGAN's choice: a copy, not a Resize kernel, so the
+    # memory-bound upsampling that dominated CPU inference costs much less).
+    upsample: str = "bilinear"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -63,9 +66,18 @@ class SeparableConv(nn.Sequential):
         super().__init__(nn.Conv2d(cin, cin, 3, padding=1, groups=cin), nn.Conv2d(cin, cout, 1))
 
 
+def upsample2x(x: torch.Tensor, mode: str) -> torch.Tensor:
+    if mode == "nearest":
+        return F.interpolate(x, scale_factor=2, mode="nearest")
+    return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+
+
 class ResBlockUp(nn.Module):
-    def __init__(self, cin: int, cout: int, embed_dim: int):
+    def __init__(self, cin: int, cout: int, embed_dim: int, upsample: str):
         super().__init__()
+        if upsample not in ("bilinear", "nearest"):
+            raise ValueError(f"upsample must be 'bilinear' or 'nearest', got {upsample!r}")
+        self.upsample = upsample
         self.norm1 = ConditionalBatchNorm(cin, embed_dim)
         self.conv1 = SeparableConv(cin, cout)
         self.norm2 = ConditionalBatchNorm(cout, embed_dim)
@@ -73,10 +85,11 @@ class ResBlockUp(nn.Module):
         self.shortcut = nn.Conv2d(cin, cout, 1)
 
     def forward(self, x: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
-        h = F.relu(self.norm1(x, embedding))
-        h = F.interpolate(h, scale_factor=2, mode="bilinear", align_corners=False)
+        h = upsample2x(F.relu(self.norm1(x, embedding)), self.upsample)
         h = self.conv2(F.relu(self.norm2(self.conv1(h), embedding)))
-        return h + self.shortcut(F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False))
+        # The 1×1 shortcut runs before upsampling: both upsamplings mix pixels with weights summing to one,
+        # so they commute with a 1×1 conv (bias included), and the upsampled tensor has cout ≤ cin channels.
+        return h + upsample2x(self.shortcut(x), self.upsample)
 
 
 class TinyGenerator(nn.Module):
@@ -97,7 +110,7 @@ class TinyGenerator(nn.Module):
         self.embedding = nn.Embedding(config.n_classes, config.embed_dim)
         self.linear = nn.Linear(config.z_dim + config.embed_dim, config.channels[0] * 16)
         self.blocks = nn.ModuleList(
-            ResBlockUp(cin, cout, config.embed_dim) for cin, cout in zip(config.channels[:-1], config.channels[1:])
+            ResBlockUp(cin, cout, config.embed_dim, config.upsample) for cin, cout in zip(config.channels[:-1], config.channels[1:])
         )
         self.head = nn.Sequential(
             nn.BatchNorm2d(config.channels[-1]), nn.ReLU(), nn.Conv2d(config.channels[-1], out_channels, 3, padding=1)
