@@ -50,7 +50,7 @@ eval: install
 # a service started for the run; BENCH_URL=http://127.0.0.1:8000 targets a running service instead.
 BENCH_URL ?=
 bench: install
-	for family in double_colored_mnist wildlife_mnist; do \
+	for family in double_colored_mnist wildlife_mnist colored_mnist; do \
 		if [ -f models/$$family/LATEST ]; then $(PY) -m benchmarks.models --family $$family || exit 1; fi; \
 	done
 	$(PY) -m benchmarks.serving $(if $(BENCH_URL),--url $(BENCH_URL),--start)

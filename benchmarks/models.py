@@ -292,10 +292,9 @@ def markdown(result: dict, plot: str) -> str:
         f"### Model benchmark: {result['family']}/{result['version']}",
         "",
         f"Host: {host['cpus']} CPUs ({host['machine']}), torch {host['torch']} with {host['torch_threads']} threads; "
-        f"load average {host['loadavg_start'][0]:.1f} at start, {host['loadavg_end'][0]:.1f} at end (other jobs "
-        f"share this CPU, so absolute numbers are pessimistic; ratios measured back to back). Each number: at least "
-        f"{result['min_seconds']:g} s of repeated calls after one warm-up call. Student PyTorch: "
-        f"{result['student_torch_weights']}.",
+        f"load average {host['loadavg_start'][0]:.1f} at start, {host['loadavg_end'][0]:.1f} at end"
+        f"{load_caveat(host)}. Each number: at least {result['min_seconds']:g} s of repeated calls after one "
+        f"warm-up call. Student PyTorch: {result['student_torch_weights']}.",
         "",
         table_or_empty(["model", "mechanism", "parameters", "MMACs / image"], cost_rows),
         "",
@@ -312,6 +311,14 @@ def markdown(result: dict, plot: str) -> str:
         "",
         f"![throughput vs batch]({plot})",
     ])
+
+
+def load_caveat(host: dict) -> str:
+    """A warning when other work shared the CPU during the run (load average above half the cores)."""
+    busiest = max(host["loadavg_start"][0], host["loadavg_end"][0])
+    if busiest <= host["cpus"] / 2:
+        return ""
+    return " (other jobs shared this CPU: absolute numbers are pessimistic; ratios were measured back to back)"
 
 
 def table_or_empty(headers, rows) -> str:

@@ -18,7 +18,7 @@ from training.data import DIGIT_PALETTE, PALETTE
 from training.evaluation import report
 from training.evaluation.classifier import SmallCNN
 from training.evaluation.counterfactuals import PAPER_STUDY, counterfactual_dataset, draw
-from training.evaluation.fidelity import class_means, evaluate_fidelity, nearest_colour
+from training.evaluation.fidelity import class_means, evaluate_fidelity, label_palettes, nearest_colour
 from training.evaluation.invariance import real_splits
 from training.evaluation.sources import Source
 from training.export import export_students
@@ -94,9 +94,14 @@ def test_draws_share_masks_within_groups_and_are_chunk_invariant():
     np.testing.assert_array_equal(whole.fg_index[:20], draws.labels["texture"])
 
 
+def untrained_reader() -> tuple:
+    """A digit reader in the shape digit_recogniser returns, untrained."""
+    return SmallCNN(in_channels=1).eval(), {"trained_on": "nothing (untrained)", "epochs": 0, "accuracy_on_t10k[5000:]": 0.0}
+
+
 def test_fidelity_known_answers_with_fake_sources():
     teacher = fake_source()
-    reader = (SmallCNN(in_channels=1).eval(), {"untrained": True})  # the plumbing, not the recogniser, is under test
+    reader = untrained_reader()  # the plumbing, not the recogniser, is under test
     identical = evaluate_fidelity(teacher, fake_source(), FAMILY, pairs=40, baseline_pairs=40, recogniser=reader)
     assert identical["mechanisms"]["shape"]["student"] == {"mask_iou": 1.0, "l1": 0.0}
     assert identical["mechanisms"]["texture"]["student"]["psnr"] == 100.0  # exact match, capped
@@ -109,6 +114,20 @@ def test_fidelity_known_answers_with_fake_sources():
     assert shifted["mechanisms"]["background"]["student"]["l1"] == pytest.approx(0.2, abs=1e-6)
     assert shifted["mechanisms"]["background"]["student"]["psnr"] == pytest.approx(20.0, abs=1e-4)
     assert 0 <= shifted["recognisability"]["student"] <= 100
+    assert "texture wears its label" in report.fidelity_markdown(FAMILY, "fake", identical)
+
+
+def test_colored_fidelity_has_no_label_colours_and_says_so():
+    """colored_mnist has no label-colour recipe here: fidelity skips the palette check, and the page shows
+    only the digit check rather than inventing colours."""
+    reader = untrained_reader()
+    result = evaluate_fidelity(fake_source(), fake_source(), "colored_mnist", pairs=20, baseline_pairs=20,
+                               recogniser=reader)
+    assert "label_match" not in result and result["composite"]["mask_iou"] == 1.0
+    page = report.fidelity_markdown("colored_mnist", "fake", result)
+    assert "mask shows its shape label" in page and "wears its label" not in page
+    with pytest.raises(ValueError, match="no label colours"):
+        label_palettes("mnist_of_unknown_kind")
 
 
 @needs_shared

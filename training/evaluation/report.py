@@ -52,7 +52,11 @@ def fidelity_markdown(family: str, version: str, result: dict, grid: str | None 
         ratio = f"{student / baseline:.2f}" if metric == "l1" else ""
         rows.append([m, metric, format(student, fmt), format(baseline, fmt), ratio])
     comp = result["composite"]
-    rec, match = result["recognisability"], result["label_match"]
+    rec, match = result["recognisability"], result.get("label_match")
+    label_rows = [["mask shows its shape label (digit CNN)", f"{rec['teacher']:.1f}", f"{rec['student']:.1f}"]]
+    for m in ("texture", "background") if match else ():
+        label_rows.append([f"{m} wears its label ({match['method']})", f"{match[m]['teacher']:.1f}",
+                           f"{match[m]['student']:.1f}"])
     recogniser = rec["recogniser"]
     lines = [
         f"### Fidelity: {family}/{version} vs its teacher",
@@ -65,13 +69,7 @@ def fidelity_markdown(family: str, version: str, result: dict, grid: str | None 
         f"Composed counterfactuals (identical noise, shuffles, labels): L1 {comp['l1']:.4f}, "
         f"PSNR {comp['psnr']:.1f} dB, mask IoU {comp['mask_iou']:.3f}.",
         "",
-        table(["label check", "teacher %", "student %"], [
-            ["mask shows its shape label (digit CNN)", f"{rec['teacher']:.1f}", f"{rec['student']:.1f}"],
-            [f"texture wears its label ({match['method']})", f"{match['texture']['teacher']:.1f}",
-             f"{match['texture']['student']:.1f}"],
-            [f"background wears its label ({match['method']})", f"{match['background']['teacher']:.1f}",
-             f"{match['background']['student']:.1f}"],
-        ]),
+        table(["label check", "teacher %", "student %"], label_rows),
         "",
         f"Digit CNN: trained on {recogniser['trained_on']} ({recogniser['epochs']} epochs), "
         f"{recogniser['accuracy_on_t10k[5000:]']:.1f} % on real t10k[5000:].",
