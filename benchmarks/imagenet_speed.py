@@ -1,8 +1,9 @@
 """ImageNet family speed at 256 px: the CGN teacher (3 × BigGAN-deep-256 + U²-Net) vs TinyGAN-256 students.
 
 Parameters, MACs per image and images/s per mechanism and for one counterfactual (noise, the three
-mechanisms, composition with core.compose, uint8), in PyTorch on CPU (plus CUDA when present), and for the
-students also through onnxruntime on CPU, the served path. Speed does not depend on the weights, so the
+mechanisms, composition with core.compose, uint8), in PyTorch on CPU (plus CUDA when present) and through
+onnxruntime on CPU: the students' served graphs, and the teacher exported to three parity-checked graphs so
+the headline ratio compares one engine with itself. Speed does not depend on the weights, so the
 teacher is randomly initialised unless --teacher-path names a cgn.pth, and the students are the
 TinyGAN-256 preset with random weights, exported to a temporary folder, unless --model-dir names an
 exported version.
@@ -21,7 +22,8 @@ from pathlib import Path
 import torch
 
 from benchmarks.models import (
-    TeacherMechanism, attempt, cost, counterfactual_ms, fused_runner, images_per_second, inputs, torch_runner,
+    TeacherMechanism, attempt, cost, counterfactual_ms, export_teacher, fused_runner, images_per_second, inputs,
+    sessions_runner, torch_runner,
 )
 from core.manifest import load_manifest
 from core.noise import MECHANISMS, NoiseSpec
@@ -74,18 +76,18 @@ def torch_speeds(modules: dict, batch: int, device: str, reps: int) -> dict[str,
     return speeds
 
 
-def onnx_speeds(model_dir: Path, manifest: dict, batch: int, reps: int) -> dict[str, float | str]:
+def onnx_speeds(paths: dict[str, Path], fused_path: Path | None, batch: int, reps: int) -> dict[str, float | str]:
+    """images/s per mechanism graph at `batch`, and one counterfactual at batch 1 (fused graph when given)."""
     import onnxruntime as ort
 
     options = session_options(0)
     z, y = inputs(batch, NOISE)
-    speeds = {}
-    for m in MECHANISMS:
-        session = ort.InferenceSession(str(model_dir / manifest["mechanisms"][m]["file"]), options,
-                                       providers=["CPUExecutionProvider"])
-        speeds[m] = attempt(lambda s=session: images_per_second(lambda: s.run(None, {"z": z, "y": y}), batch, 0.0, reps))
-    fused = ort.InferenceSession(str(model_dir / manifest["fused"]["file"]), options, providers=["CPUExecutionProvider"])
-    ms = counterfactual_ms(fused_runner(fused), NOISE, cgn.IMAGE_SIZE, False, 0.0)
+    sessions = {m: ort.InferenceSession(str(paths[m]), options, providers=["CPUExecutionProvider"]) for m in MECHANISMS}
+    speeds = {m: attempt(lambda s=sessions[m]: images_per_second(lambda: s.run(None, {"z": z, "y": y}), batch, 0.0, reps))
+              for m in MECHANISMS}
+    runner = (fused_runner(ort.InferenceSession(str(fused_path), options, providers=["CPUExecutionProvider"]))
+              if fused_path else sessions_runner(sessions))
+    ms = counterfactual_ms(runner, NOISE, cgn.IMAGE_SIZE, False, 0.0)
     speeds[COUNTERFACTUAL] = 1000.0 / ms if isinstance(ms, float) else ms
     return speeds
 
@@ -119,20 +121,28 @@ def run(args: argparse.Namespace) -> dict:
             result["cost"][name] = per
         speeds = result["images_per_second"]
         print("timing the students with onnxruntime on cpu ...", file=sys.stderr)
-        speeds["student/onnxruntime-cpu"] = onnx_speeds(model_dir, blocks, args.batch, args.reps)
+        student_paths = {m: model_dir / blocks["mechanisms"][m]["file"] for m in MECHANISMS}
+        speeds["student/onnxruntime-cpu"] = onnx_speeds(student_paths, model_dir / blocks["fused"]["file"],
+                                                        args.batch, args.reps)
+        print("exporting the teacher to onnx (three graphs, parity-checked) ...", file=sys.stderr)
+        teacher_paths = export_teacher(teacher_mods, Path(tmp), NOISE, batch=2, fused=False)
+        print("timing the teacher with onnxruntime on cpu ...", file=sys.stderr)
+        speeds["teacher/onnxruntime-cpu"] = onnx_speeds(teacher_paths, None, args.batch, args.reps)
     for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
         for name, modules in (("student", student_mods), ("teacher", teacher_mods)):
             print(f"timing the {name} with PyTorch on {device} ...", file=sys.stderr)
             speeds[f"{name}/pytorch-{device}"] = torch_speeds(modules, args.batch, device, args.reps)
     result["host"]["loadavg_end"] = os.getloadavg()
-    result["speedup"] = {}  # student over teacher images/s, on the same device
+    # Student over teacher images/s on the same device: like for like (same engine) first, then the served
+    # students against the teacher as its authors run it (PyTorch).
+    pairs = [("student/onnxruntime-cpu", "teacher/onnxruntime-cpu")]
     for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
-        base = speeds[f"teacher/pytorch-{device}"]
-        for engine in (f"student/pytorch-{device}", f"student/onnxruntime-{device}"):
-            if engine in speeds:
-                result["speedup"][f"{engine} vs teacher/pytorch-{device}"] = {
-                    key: speeds[engine][key] / base[key] for key in [*MECHANISMS, COUNTERFACTUAL]
-                    if isinstance(speeds[engine][key], float) and isinstance(base[key], float)}
+        pairs += [(f"student/pytorch-{device}", f"teacher/pytorch-{device}")]
+    pairs += [("student/onnxruntime-cpu", "teacher/pytorch-cpu")]
+    result["speedup"] = {
+        f"{engine} vs {base}": {key: speeds[engine][key] / speeds[base][key] for key in [*MECHANISMS, COUNTERFACTUAL]
+                                if isinstance(speeds[engine][key], float) and isinstance(speeds[base][key], float)}
+        for engine, base in pairs}
     return result
 
 
@@ -145,7 +155,7 @@ def markdown(result: dict) -> str:
                  for key in keys]
     fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else v  # noqa: E731
     speed_rows = [[engine] + [fmt(values[key]) for key in keys] for engine, values in result["images_per_second"].items()]
-    ratio_rows = [[pair] + [f"{ratios[key]:.0f}×" if key in ratios else "" for key in keys]
+    ratio_rows = [[pair] + [f"{ratios[key]:.1f}×" if key in ratios else "" for key in keys]
                   for pair, ratios in result["speedup"].items()]
     host = result["host"]
     return "\n".join([

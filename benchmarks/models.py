@@ -117,20 +117,26 @@ def onnx_steps(sessions: dict, fused, batch: int, noise: NoiseSpec) -> dict[str,
     return steps
 
 
-def export_teacher(modules: dict[str, nn.Module], out_dir: Path, noise: NoiseSpec) -> dict[str, Path]:
-    """The teacher as three per-mechanism ONNX graphs and one fused graph, each parity-checked."""
-    z, y = inputs(16, noise)
+def export_teacher(modules: dict[str, nn.Module], out_dir: Path, noise: NoiseSpec, batch: int = 16,
+                   fused: bool = True) -> dict[str, Path]:
+    """The teacher as three per-mechanism ONNX graphs and (with `fused`) one fused graph, each parity-checked
+    at `batch` and batch 1. Large teachers (ImageNet) skip the fused graph: it would hold all weights twice
+    over in one >1 GB file while three sessions cost the same to run."""
+    z, y = inputs(batch, noise)
+    sizes = (batch, 1)
     paths = {}
     for m, module in modules.items():
         paths[m] = out_dir / f"teacher_{m}.onnx"
         _export(module, (torch.from_numpy(z), torch.from_numpy(y)), ["z", "y"], [OUTPUT_NAMES[m]], paths[m])
-        _parity(paths[m], module, {"z": z, "y": y}, [OUTPUT_NAMES[m]])
+        _parity(paths[m], module, {"z": z, "y": y}, [OUTPUT_NAMES[m]], sizes)
+    if not fused:
+        return paths
     names = [f"{kind}_{m}" for m in MECHANISMS for kind in ("z", "y")]
     values = [v for m in MECHANISMS for v in (z, y)]
     paths["fused"] = out_dir / "teacher_fused.onnx"
     fused = FusedStudents(modules).eval()
     _export(fused, tuple(torch.from_numpy(v) for v in values), names, list(OUTPUT_NAMES.values()), paths["fused"])
-    _parity(paths["fused"], fused, dict(zip(names, values)), list(OUTPUT_NAMES.values()))
+    _parity(paths["fused"], fused, dict(zip(names, values)), list(OUTPUT_NAMES.values()), sizes)
     return paths
 
 
@@ -186,6 +192,13 @@ def fused_runner(session) -> Callable[[dict, dict], dict]:
     def run_all(z: dict, y: dict) -> dict:
         feeds = {f"z_{m}": z[m] for m in MECHANISMS} | {f"y_{m}": y[m] for m in MECHANISMS}
         return dict(zip(MECHANISMS, session.run(list(OUTPUT_NAMES.values()), feeds)))
+    return run_all
+
+
+def sessions_runner(sessions: dict) -> Callable[[dict, dict], dict]:
+    """One counterfactual's mechanisms through three per-mechanism sessions (for teachers without a fused graph)."""
+    def run_all(z: dict, y: dict) -> dict:
+        return {m: sessions[m].run(None, {"z": z[m], "y": y[m]})[0] for m in MECHANISMS}
     return run_all
 
 

@@ -74,7 +74,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def render_fidelity(results_md: str, result: dict) -> str:
-    body = report.fidelity_markdown(result["family"], result["version"], result, result["grid"]) + "\n\n" + result["note"]
+    body = (report.fidelity_markdown(result["family"], result["version"], result, result["grid"], result.get("loss_curves"))
+            + "\n\n" + result["note"])
     report.update_section(results_md, f"fidelity-{result['family']}", body)
     return body
 
@@ -100,10 +101,12 @@ def run_fidelity(args: argparse.Namespace, family: str) -> None:
                                recogniser=digit_recogniser(args.data_dir, args.recogniser_epochs))
     result.update(family=family, version=students.version, models_dir=str(students.directory), grid=None,
                   note=f"Students: `{students.directory}` (created {students.manifest['created']}). {args.note}".strip())
-    if (students.directory / "teacher_vs_student.png").is_file():
-        target = Path(args.results_md).parent / f"teacher_vs_student_{family}.png"
-        shutil.copyfile(students.directory / "teacher_vs_student.png", target)
-        result["grid"] = target.name
+    # The version's pictures go beside the results page: its sample grid and its distillation loss curves.
+    for key, name in (("grid", "teacher_vs_student"), ("loss_curves", "loss_curves")):
+        if (students.directory / f"{name}.png").is_file():
+            target = Path(args.results_md).parent / f"{name}_{family}.png"
+            shutil.copyfile(students.directory / f"{name}.png", target)
+            result[key] = target.name
     report.write_json(Path(args.results_dir) / f"fidelity_{family}.json", result)
     print(render_fidelity(args.results_md, result))
 

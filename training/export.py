@@ -47,8 +47,9 @@ def _export(module: nn.Module, inputs: tuple, input_names: list[str], output_nam
         )
 
 
-def _parity(path: Path, module: nn.Module, feeds: dict[str, np.ndarray], output_names: list[str]) -> float:
-    """Max |onnxruntime − PyTorch| over the export batch and a smaller one.
+def _parity(path: Path, module: nn.Module, feeds: dict[str, np.ndarray], output_names: list[str],
+            sizes: tuple[int, int] = (PARITY_BATCH, PARITY_SECOND_BATCH)) -> float:
+    """Max |onnxruntime − PyTorch| over the export batch and a smaller one (`sizes`; feeds hold the first).
 
     The second batch size catches a graph whose batch axis was frozen at trace time, which a check at the
     traced size alone would pass.
@@ -57,7 +58,7 @@ def _parity(path: Path, module: nn.Module, feeds: dict[str, np.ndarray], output_
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     diff = 0.0
-    for size in (PARITY_BATCH, PARITY_SECOND_BATCH):
+    for size in sizes:
         batch = {name: value[:size] for name, value in feeds.items()}
         try:
             onnx_outputs = session.run(output_names, batch)

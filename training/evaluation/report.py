@@ -43,7 +43,8 @@ def pm(summary: dict, digits: int = 1) -> str:
     return f"{summary['mean']:.{digits}f} ± {summary['std']:.{digits}f}"
 
 
-def fidelity_markdown(family: str, version: str, result: dict, grid: str | None = None) -> str:
+def fidelity_markdown(family: str, version: str, result: dict, grid: str | None = None,
+                      loss_curves: str | None = None) -> str:
     mech = result["mechanisms"]
     rows = []
     for m, metric, fmt in (("shape", "mask_iou", ".3f"), ("shape", "l1", ".4f"), ("texture", "l1", ".4f"),
@@ -76,6 +77,8 @@ def fidelity_markdown(family: str, version: str, result: dict, grid: str | None 
     ]
     if grid:
         lines += ["", f"Teacher (upper) vs student (lower) rows per mechanism, one column per label: ![{family}]({grid})"]
+    if loss_curves:
+        lines += ["", f"Distillation losses per mechanism: ![{family} losses]({loss_curves})"]
     return "\n".join(lines)
 
 
