@@ -180,3 +180,9 @@ def test_tiny_invariance_and_fidelity_runs_write_results(tmp_path, restore_torch
     text = (tmp_path / "docs" / "RESULTS.md").read_text()
     assert f"<!-- results:invariance-{FAMILY}-unmodified -->" in text and f"<!-- results:fidelity-{FAMILY} -->" in text
     assert "tiny students" in text and "teacher counterfactuals" in text
+    # With both mask settings on record, the shape study puts them side by side.
+    modified = ["--images", "40", "--epochs", "1", "--seeds", "0", "--mask", "modified", "--arms", "student"]
+    assert evaluate.main(["invariance", *common, *modified]) == 0
+    study = (tmp_path / "docs" / "RESULTS.md").read_text().split(f"<!-- results:invariance-{FAMILY}-shape-study -->")[1]
+    assert "| student counterfactuals (ONNX) |" in study and "| teacher counterfactuals |" in study
+    assert "transparency 0.75" in study

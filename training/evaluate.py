@@ -80,9 +80,16 @@ def render_fidelity(results_md: str, result: dict) -> str:
     return body
 
 
-def render_invariance(results_md: str, result: dict) -> str:
+def render_invariance(results_md: str, result: dict, results_dir: str) -> str:
+    """The study's section, and the side-by-side shape study once both mask settings have results."""
+    family = result["family"]
     body = report.invariance_markdown(result, " ".join(dict.fromkeys(n for n in result.get("notes", {}).values() if n)))
-    report.update_section(results_md, f"invariance-{result['family']}-{result['mask']['setting']}", body)
+    report.update_section(results_md, f"invariance-{family}-{result['mask']['setting']}", body)
+    studies = {s: Path(results_dir) / f"invariance_{family}_{s}.json" for s in ("unmodified", "modified")}
+    if all(path.is_file() for path in studies.values()):
+        both = {s: json.loads(path.read_text()) for s, path in studies.items()}
+        report.update_section(results_md, f"invariance-{family}-shape-study",
+                              report.shape_study_markdown(both["unmodified"], both["modified"]))
     return body
 
 
@@ -91,7 +98,7 @@ def render_all(args: argparse.Namespace) -> None:
     for path in sorted(Path(args.results_dir).glob("fidelity_*.json")):
         render_fidelity(args.results_md, json.loads(path.read_text()))
     for path in sorted(Path(args.results_dir).glob("invariance_*.json")):
-        render_invariance(args.results_md, json.loads(path.read_text()))
+        render_invariance(args.results_md, json.loads(path.read_text()), args.results_dir)
 
 
 def run_fidelity(args: argparse.Namespace, family: str) -> None:
@@ -129,7 +136,7 @@ def run_invariance(args: argparse.Namespace, family: str) -> None:
         path = Path(args.results_dir) / f"invariance_{family}_{modifiers.name}.json"
         result = merge_arms(path, result)
         report.write_json(path, result)
-        print(render_invariance(args.results_md, result))
+        print(render_invariance(args.results_md, result, args.results_dir))
 
 
 def merge_arms(path: Path, result: dict) -> dict:
