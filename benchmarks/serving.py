@@ -208,6 +208,25 @@ def stop_service(process: subprocess.Popen) -> None:
         process.wait()
 
 
+BULK_TARGET = 0.70  # bulk-job images/s over raw onnxruntime (with noise and composition), same students
+CACHE_HIT_P50_TARGET_MS = 5.0
+
+
+def targets(result: dict) -> list[dict]:
+    """The serving targets, each with its measured value and whether it was met (None: not measured)."""
+    job, raw = result["job"], result.get("raw_onnxruntime")
+    bulk = (job["images_per_second"] / raw["with_noise_and_composition_images_per_second"]
+            if job.get("images_per_second") and raw else None)
+    hit_p50 = next((level["hit"]["p50_ms"] for level in result["levels"] if level["concurrency"] == 1), None)
+    return [
+        {"target": f"bulk job ≥ {BULK_TARGET:.0%} of raw onnxruntime", "value": bulk,
+         "shown": "–" if bulk is None else f"{bulk:.0%}", "met": None if bulk is None else bulk >= BULK_TARGET},
+        {"target": f"cache-hit p50 ≤ {CACHE_HIT_P50_TARGET_MS:g} ms (concurrency 1)", "value": hit_p50,
+         "shown": "–" if hit_p50 is None else f"{hit_p50:.1f} ms",
+         "met": None if hit_p50 is None else hit_p50 <= CACHE_HIT_P50_TARGET_MS},
+    ]
+
+
 def markdown(result: dict, plot: str, note: str = "") -> str:
     rows = []
     for level in result["levels"]:
@@ -237,6 +256,9 @@ def markdown(result: dict, plot: str, note: str = "") -> str:
                      f"{raw['fused_images_per_second']:,.0f} images/s (fused graph only), "
                      f"{raw['with_noise_and_composition_images_per_second']:,.0f} images/s with noise, composition "
                      "and uint8.")
+    verdict = {True: "yes", False: "**no**", None: "not measured"}
+    lines += ["", report.table(["target", "measured", "met"],
+                               [[t["target"], t["shown"], verdict[t["met"]]] for t in targets(result)])]
     lines += ["", f"![latency percentiles]({plot})"]
     if note:
         lines += ["", note]
@@ -292,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
                                        args.job_n, args.job_timeout, ready_timeout_s=180.0))
         result["onnxruntime_threads"] = args.threads
         result["raw_onnxruntime"] = raw_onnxruntime(args.models_dir, args.model, args.job_n, threads=args.threads)
+        result["targets"] = targets(result)
     except (BenchmarkError, httpx.HTTPError) as exc:
         print(f"error: {exc} (service logs, when started here: {logs})", file=sys.stderr)
         return 1

@@ -163,3 +163,5 @@ def test_serving_benchmark_against_the_real_service(stack, models_dir, tmp_path)
     serving.plot(result, tmp_path / "latency.png")
     text = serving.markdown(result, "latency.png")
     assert "p95 ms" in text and "Raw onnxruntime" in text and (tmp_path / "latency.png").is_file()
+    bulk, hit = serving.targets(result)  # measured, never asserted: timings are not test outcomes
+    assert bulk["value"] > 0 and hit["value"] > 0 and "cache-hit p50" in text
