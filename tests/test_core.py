@@ -136,6 +136,18 @@ def test_atomic_directory_leaves_nothing_on_failure(tmp_path):
             pass
 
 
+def test_atomic_writes_get_ordinary_permissions(tmp_path):
+    """Temp files are private (0600/0700); what lands in place must have the modes of an ordinary write."""
+    (tmp_path / "plain").write_text("x")
+    (tmp_path / "plain_dir").mkdir()
+    atomic.write_text_atomic(tmp_path / "file", "x")
+    with atomic.atomic_directory(tmp_path / "dir") as tmp:
+        (tmp / "inner").write_text("x")
+    mode = lambda name: (tmp_path / name).stat().st_mode & 0o777  # noqa: E731
+    assert mode("file") == mode("plain") == atomic.FILE_MODE
+    assert mode("dir") == mode("plain_dir") == atomic.DIRECTORY_MODE
+
+
 def _version(root, family, version, content=b"onnx"):
     directory = root / family / version
     directory.mkdir(parents=True)
