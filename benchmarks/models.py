@@ -27,8 +27,9 @@ from torch import nn
 from core.compose import compose_samples
 from core.imageio import to_uint8
 from core.noise import MECHANISMS, NoiseSpec, draw_sample_noise
+from core.onnx_session import session_options
 from training.evaluation import report
-from training.evaluation.sources import OnnxStudents, load_students, session_options, teacher_for_family
+from training.evaluation.sources import OnnxStudents, load_students, teacher_for_family
 from training.plots import save_figure
 from training.export import FusedStudents, _export, _parity
 from training.students import StudentConfig, TinyGenerator

@@ -24,6 +24,7 @@ from core.manifest import (
     verify_files,
 )
 from core.noise import MECHANISMS, NoiseSpec, SampleNoise, draw_sample_noise
+from core.onnx_session import session_options
 
 logger = logging.getLogger(__name__)
 
@@ -116,10 +117,7 @@ class ModelRegistry:
     def __init__(self, models_dir: Path, capacity: int, ort_threads: int):
         self.models_dir, self.capacity = Path(models_dir), capacity
         self.providers = execution_providers()
-        self.options = ort.SessionOptions()
-        self.options.intra_op_num_threads = ort_threads
-        # Idle onnxruntime threads sleep instead of spinning, so a busy or shared machine is not thrashed.
-        self.options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.options = session_options(ort_threads)
         self._loaded: OrderedDict[tuple[str, str], LoadedModel] = OrderedDict()
         # (family, version) -> (file signature, refusal reason or None): files are hashed again only when they change.
         self._checked: dict[tuple[str, str], tuple[tuple, str | None]] = {}

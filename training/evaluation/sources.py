@@ -14,6 +14,7 @@ import numpy as np
 
 from core.manifest import load_manifest, resolve_version, verify_files
 from core.noise import MECHANISMS, NoiseSpec
+from core.onnx_session import session_options
 from training.teachers.cgn_mnist import TEACHERS
 
 Runner = Callable[[str, np.ndarray, np.ndarray], np.ndarray]
@@ -43,14 +44,6 @@ def teacher_source(family: str, teacher_path: str | os.PathLike | None = None, d
 
     adapter = load_teacher_adapter(teacher_for_family(family), teacher_path, device=device)
     return Source(f"teacher:{adapter.name}", adapter.noise, adapter.image_size, adapter.texture_shuffle, adapter.query)
-
-
-def session_options(threads: int = 0):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    return options
 
 
 class OnnxStudents:
