@@ -27,8 +27,8 @@ from benchmarks.models import (
 )
 from core.manifest import load_manifest
 from core.noise import MECHANISMS, NoiseSpec
-from training.evaluation import report
 from core.onnx_session import session_options
+from training.evaluation import report
 from training.export import export_students
 from training.students import StudentConfig, TinyGenerator
 from training.teachers import cgn_imagenet as cgn

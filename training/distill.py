@@ -37,7 +37,9 @@ from training.bank import OUTPUT_KEY, Bank, BankSpec, generate_bank
 from training.export import ParityError, export_students
 from training.fetch import ChecksumError
 from training.plots import save_figure
-from training.students import HEADS, ProjectionDiscriminator, StudentConfig, TinyGenerator, count_parameters
+from training.students import (
+    HEADS, UPSAMPLE_MODES, ProjectionDiscriminator, StudentConfig, TinyGenerator, count_parameters,
+)
 from training.teachers.loading import TeacherAdapter, TeacherError, load_teacher_adapter, teacher_names
 
 VALUE_RANGE = {"shape": (0.0, 1.0), "texture": (-1.0, 1.0), "background": (-1.0, 1.0)}
@@ -307,7 +309,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--channels", default=None,
                         help="student widths, comma-separated (4×4 first; default: the teacher's student preset)")
     parser.add_argument("--embed-dim", type=int, help="student class-embedding size (default: the teacher's preset)")
-    parser.add_argument("--upsample", choices=("nearest", "bilinear"),
+    parser.add_argument("--upsample", choices=UPSAMPLE_MODES,
                         help="student upsampling (default: the teacher's preset)")
     parser.add_argument("--disc-channels", default="16,32,64,128,128")
     parser.add_argument("--lambda-pix", type=float, default=0.2)

@@ -15,6 +15,7 @@ from torch.nn import functional as F
 from torch.nn.utils import spectral_norm
 
 HEADS = {"shape": ("mask", 1), "texture": ("texture", 3), "background": ("background", 3)}
+UPSAMPLE_MODES = ("nearest", "bilinear")
 
 
 @dataclass
@@ -75,8 +76,8 @@ def upsample2x(x: torch.Tensor, mode: str) -> torch.Tensor:
 class ResBlockUp(nn.Module):
     def __init__(self, cin: int, cout: int, embed_dim: int, upsample: str):
         super().__init__()
-        if upsample not in ("bilinear", "nearest"):
-            raise ValueError(f"upsample must be 'bilinear' or 'nearest', got {upsample!r}")
+        if upsample not in UPSAMPLE_MODES:
+            raise ValueError(f"upsample must be one of {UPSAMPLE_MODES}, got {upsample!r}")
         self.upsample = upsample
         self.norm1 = ConditionalBatchNorm(cin, embed_dim)
         self.conv1 = SeparableConv(cin, cout)
