@@ -74,8 +74,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def render_fidelity(results_md: str, result: dict) -> str:
-    body = (report.fidelity_markdown(result["family"], result["version"], result, result["grid"], result.get("loss_curves"))
-            + "\n\n" + result["note"])
+    body = report.fidelity_markdown(result["family"], result["version"], result) + "\n\n" + result["note"]
     report.update_section(results_md, f"fidelity-{result['family']}", body)
     return body
 

@@ -43,8 +43,8 @@ def pm(summary: dict, digits: int = 1) -> str:
     return f"{summary['mean']:.{digits}f} ± {summary['std']:.{digits}f}"
 
 
-def fidelity_markdown(family: str, version: str, result: dict, grid: str | None = None,
-                      loss_curves: str | None = None) -> str:
+def fidelity_markdown(family: str, version: str, result: dict) -> str:
+    """The fidelity section; the result's `grid` and `loss_curves` (picture files beside the page) when present."""
     mech = result["mechanisms"]
     rows = []
     for m, metric, fmt in (("shape", "mask_iou", ".3f"), ("shape", "l1", ".4f"), ("texture", "l1", ".4f"),
@@ -75,10 +75,11 @@ def fidelity_markdown(family: str, version: str, result: dict, grid: str | None 
         f"Digit CNN: trained on {recogniser['trained_on']} ({recogniser['epochs']} epochs), "
         f"{recogniser['accuracy_on_t10k[5000:]']:.1f} % on real t10k[5000:].",
     ]
-    if grid:
-        lines += ["", f"Teacher (upper) vs student (lower) rows per mechanism, one column per label: ![{family}]({grid})"]
-    if loss_curves:
-        lines += ["", f"Distillation losses per mechanism: ![{family} losses]({loss_curves})"]
+    if result.get("grid"):
+        lines += ["", "Teacher (upper) vs student (lower) rows per mechanism, one column per label: "
+                  f"![{family}]({result['grid']})"]
+    if result.get("loss_curves"):
+        lines += ["", f"Distillation losses per mechanism: ![{family} losses]({result['loss_curves']})"]
     return "\n".join(lines)
 
 
