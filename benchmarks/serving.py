@@ -192,7 +192,7 @@ def start_service(models_dir: str, logs: Path, threads: int) -> tuple[subprocess
     """`python -m service.run_local` on free ports with its own Redis; stop it with stop_service."""
     port, redis_port = free_port(), free_port()
     env = dict(os.environ, SKDCGN_MODELS_DIR=str(Path(models_dir).resolve()), SKDCGN_ORT_THREADS=str(threads),
-               SKDCGN_REDIS_URL=f"redis://127.0.0.1:{redis_port}/0", SKDCGN_DATA_DIR=str(logs / "data"))
+               SKDCGN_REDIS_URL=f"redis://127.0.0.1:{redis_port}/0", SKDCGN_JOBS_DIR=str(logs / "data" / "jobs"))
     process = subprocess.Popen([sys.executable, "-m", "service.run_local", "--port", str(port), "--logs", str(logs)],
                                env=env, stdout=open(logs / "run_local.log", "ab"), stderr=subprocess.STDOUT)
     return process, f"http://127.0.0.1:{port}"

@@ -1,7 +1,45 @@
 """Counterfactual composition x = m·f + (1−m)·b, the texture shuffler and the mask modifiers (numpy only)."""
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass, fields
+
 import numpy as np
+
+# Each mask modifier's bounds, default and meaning: the dataclass below and the HTTP schema read this one table.
+MODIFIER_FIELDS = {
+    "transparency": ((0.0, 1.0), 1.0, "a: the mask is scaled by a (0.75 keeps 3/4)"),
+    "rotation_deg": ((0.0, 180.0), 0.0, "r: the mask turns by an angle drawn uniformly in [-r, r]"),
+    "noise_std": ((0.0, 1.0), 0.0, "σ: the mask gets N(0, σ²) noise, clipped to [0, 1]"),
+}
+
+
+@dataclass(frozen=True)
+class MaskModifiers:
+    """The shape-mechanism study of the CGN paper: transparency a, rotation within ±r degrees, mask noise σ.
+
+    The random parts (the angle, the noise field) are drawn per sample by core.noise from the sample's seed.
+    """
+
+    transparency: float = MODIFIER_FIELDS["transparency"][1]
+    rotation_deg: float = MODIFIER_FIELDS["rotation_deg"][1]
+    noise_std: float = MODIFIER_FIELDS["noise_std"][1]
+
+    def __post_init__(self):
+        for item in fields(self):
+            (low, high), value = MODIFIER_FIELDS[item.name][0], getattr(self, item.name)
+            if not low <= value <= high:
+                raise ValueError(f"mask {item.name}={value} is outside [{low:g}, {high:g}]")
+
+    @property
+    def name(self) -> str:
+        return "unmodified" if self == UNMODIFIED else "modified"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+UNMODIFIED = MaskModifiers()
+PAPER_STUDY = MaskModifiers(transparency=0.75, rotation_deg=90.0, noise_std=0.1)  # REFERENCE.md: σ 0.1, r 90, a 0.75
 
 
 def circular_shift(image: np.ndarray, offsets: tuple[int, int]) -> np.ndarray:

@@ -22,6 +22,14 @@ REQUIRED_KEYS = (
     "texture_shuffle", "labels", "mechanisms", "files",
 )
 VERSION_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# The one table of what each mechanism outputs: its tensor name and value range (masks in [0, 1], images in [-1, 1]).
+MECHANISM_OUTPUTS = {"shape": "mask", "texture": "texture", "background": "background"}
+VALUE_RANGES = {"mask": (0.0, 1.0), "texture": (-1.0, 1.0), "background": (-1.0, 1.0)}
+
+
+def value_range(mechanism: str) -> tuple[float, float]:
+    """The value range of `mechanism`'s output."""
+    return VALUE_RANGES[MECHANISM_OUTPUTS[mechanism]]
 
 
 class ManifestError(ValueError):

@@ -30,7 +30,7 @@ from core.manifest import ManifestError, VersionNotFound
 from core.noise import MECHANISMS
 from service.broker import Broker, ServiceError, cache_key, redis_location, refusals
 from service.catalog import ModelCatalog, ResolvedModel, UnknownModel
-from service.config import Settings
+from core.settings import Settings
 from service.jobstore import JobStore
 from service.metrics import GatewayMetrics
 from service.schemas import (
@@ -270,7 +270,7 @@ async def get_job_result(job_id: str, shard: Optional[int] = Query(None, ge=0, d
         raise ServiceError(422, f"shard: job {job_id}'s result is {shards} tar shards; ask for ?shard=0 .. {shards - 1}")
     if (shard or 0) >= shards:
         raise ServiceError(404, f"job {job_id} has no shard {shard}; its shards are 0 .. {shards - 1}")
-    path = result_paths(gw.settings.data_dir, job_id, status["format"], shards)[shard or 0]
+    path = result_paths(gw.settings.jobs_dir, job_id, status["format"], shards)[shard or 0]
     if not path.is_file():
         raise ServiceError(410, f"the result file of job {job_id} is gone from the data directory")
     media = "application/x-tar" if status["format"] == "png" else "application/octet-stream"
@@ -292,7 +292,7 @@ async def delete_job(job_id: str, gw: Gateway = Depends(gateway), owner: str = D
     await gw.broker.incr_stat("jobs_cancelled")
     # Chunks also check the job's state before rendering, so a revoke that misses a worker costs nothing.
     await gw.broker.revoke([chunk_task_id(job_id, chunk) for chunk in range(int(record["chunks"]))])
-    await asyncio.to_thread(discard_chunks, gw.settings.data_dir, job_id)
+    await asyncio.to_thread(discard_chunks, gw.settings.jobs_dir, job_id)
     return await gw.jobs.status(job_id, owner)
 
 
@@ -388,7 +388,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings.from_env()
     broker = Broker(settings)
     gw = Gateway(settings, ModelCatalog(settings.models_dir), broker, GatewayMetrics(),
-                 JobStore(broker.redis, settings.data_dir))
+                 JobStore(broker.redis, settings.jobs_dir))
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):

@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 import redis.asyncio as aioredis
 from kombu.exceptions import OperationalError
 
-from service.config import Settings
+from core.settings import Settings
 from workers.celery_app import make_celery
 from workers.protocol import CACHE_PREFIX, STATS_KEY, WORKER_PREFIX, reply_key
 

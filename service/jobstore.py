@@ -43,8 +43,8 @@ def status_view(record: dict, done_chunks: int, last_chunk_done: bool) -> dict:
 
 
 class JobStore:
-    def __init__(self, client: aioredis.Redis, data_dir: Path):
-        self.redis, self.data_dir = client, Path(data_dir)
+    def __init__(self, client: aioredis.Redis, jobs_dir: Path):
+        self.redis, self.jobs_dir = client, Path(jobs_dir)
 
     async def create(self, record: dict) -> None:
         pipe = self.redis.pipeline()
@@ -108,7 +108,7 @@ class JobStore:
     async def delete(self, record: dict) -> None:
         """Remove an ended job: its files first, then its record and index entries."""
         job_id = record["id"]
-        await asyncio.to_thread(shutil.rmtree, job_dir(self.data_dir, job_id), ignore_errors=True)
+        await asyncio.to_thread(shutil.rmtree, job_dir(self.jobs_dir, job_id), ignore_errors=True)
         pipe = self.redis.pipeline()
         pipe.delete(job_key(job_id), job_chunks_key(job_id))
         pipe.zrem(jobs_index_key(record["owner"]), job_id).zrem(JOBS_ENDED_KEY, job_id)

@@ -23,7 +23,7 @@ from urllib.request import urlopen
 import redis
 
 from core.manifest import ManifestError, latest_version
-from service.config import Settings
+from core.settings import Settings
 from workers.protocol import INTERACTIVE_QUEUE, JOBS_QUEUE
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -35,7 +35,7 @@ class ServiceStack:
         self.env = service_env({
             "SKDCGN_REDIS_URL": f"redis://127.0.0.1:{self.redis_port}/0",
             "SKDCGN_MODELS_DIR": str(models_dir),
-            "SKDCGN_DATA_DIR": str(root / "data"),
+            "SKDCGN_JOBS_DIR": str(root / "data" / "jobs"),
             "SKDCGN_ORT_THREADS": "1",
             **{f"SKDCGN_{name.upper()}": str(value) for name, value in settings.items()},
         })

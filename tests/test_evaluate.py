@@ -17,7 +17,8 @@ from training import evaluate
 from training.data import DIGIT_PALETTE, PALETTE
 from training.evaluation import report
 from training.evaluation.classifier import SmallCNN
-from training.evaluation.counterfactuals import PAPER_STUDY, counterfactual_dataset, draw
+from core.compose import PAPER_STUDY
+from training.evaluation.counterfactuals import counterfactual_dataset, draw
 from training.evaluation.fidelity import class_means, evaluate_fidelity, label_palettes, nearest_colour
 from training.evaluation.invariance import real_splits
 from training.evaluation.sources import Source

@@ -24,7 +24,7 @@ import pytest
 from core.hashing import sha256_file
 from core.imageio import decode
 from core.manifest import load_manifest
-from service.config import Settings
+from core.settings import Settings
 from tests.conftest import copy_models
 from tests.service_helpers import (
     FAMILY, REPO, counterfactual, current_version, images_of, load_npz, new_version, poll, swap_texture_and_background,

@@ -24,7 +24,7 @@ import torch
 from core.manifest import ManifestError, VersionNotFound, latest_version
 from training.evaluation import report
 from training.evaluation.classifier import TrainConfig
-from training.evaluation.counterfactuals import PAPER_STUDY, UNMODIFIED
+from core.compose import PAPER_STUDY, UNMODIFIED
 from training.evaluation.fidelity import digit_recogniser, evaluate_fidelity
 from training.evaluation.invariance import InvarianceConfig, run_experiment
 from training.evaluation.sources import load_students, teacher_source

@@ -15,13 +15,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from core.manifest import VALUE_RANGES
 from training.students import HEADS, TinyGenerator
 
 PARITY_TOLERANCE = 1e-4
 PARITY_BATCH = 16
 PARITY_SECOND_BATCH = 3
 OPSET = 17
-VALUE_RANGES = {"mask": [0.0, 1.0], "texture": [-1.0, 1.0], "background": [-1.0, 1.0]}
 
 
 class ParityError(RuntimeError):
@@ -110,7 +110,7 @@ def export_students(students: dict[str, TinyGenerator], out_dir: str | os.PathLi
             },
             "outputs": {
                 output_name: tensor_spec("float32", [None, channels, config.image_size, config.image_size],
-                                         VALUE_RANGES[output_name])
+                                         list(VALUE_RANGES[output_name]))
             },
             "parameters": sum(p.numel() for p in student.parameters()),
             "parity_max_abs_diff": diff,
@@ -131,6 +131,8 @@ def export_students(students: dict[str, TinyGenerator], out_dir: str | os.PathLi
                 name: (blocks["mechanisms"][name.split("_", 1)[1]]["inputs"][name.split("_", 1)[0]]) for name in names
             },
             "outputs": {name: blocks["mechanisms"][m]["outputs"][name] for m, name in zip(HEADS, outputs)},
+            # Which fused input and output belongs to which mechanism: runtimes read names from here.
+            "bindings": {m: {"z": f"z_{m}", "y": f"y_{m}", "output": HEADS[m][0]} for m in HEADS},
             "parity_max_abs_diff": diff,
         }
     return blocks

@@ -15,7 +15,7 @@ from __future__ import annotations
 from celery import Celery
 from kombu import Queue
 
-from service.config import Settings
+from core.settings import Settings
 from workers.protocol import CHUNK_TASK, INTERACTIVE_QUEUE, JOBS_QUEUE, RENDER_TASK
 
 

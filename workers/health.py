@@ -9,7 +9,7 @@ import sys
 
 import redis
 
-from service.config import Settings
+from core.settings import Settings
 from workers.protocol import WORKER_PREFIX
 
 

@@ -23,7 +23,7 @@ import redis
 from core.atomic import atomic_path
 from core.imageio import encode
 from core.noise import draw_labels, draw_sample_noise
-from service.config import Settings
+from core.settings import Settings
 from workers.engine import LoadedModel, MaskModifiers, ModelRegistry, counterfactual_batch
 from workers.protocol import (
     ACTIVE_STATES, FAILED, QUEUED, RUNNING, STATS_KEY, SUCCEEDED, chunk_bounds, discard_chunks, job_chunks_key,
@@ -150,14 +150,14 @@ def _write_tars(targets: list[Path], chunk_paths: list[Path], job: dict) -> None
             _add_bytes(archive, "provenance.json", _provenance_text(job, start, stop, shard).encode())
 
 
-def assemble(data_dir: Path, job: dict) -> list[Path]:
+def assemble(jobs_dir: Path, job: dict) -> list[Path]:
     """The result files of a job whose chunks are all on disk: one npz, or the png job's tar shards."""
-    directory = job_dir(data_dir, job["id"])
+    directory = job_dir(jobs_dir, job["id"])
     paths = [chunk_path(directory, chunk) for chunk in range(job["chunks"])]
     missing = [path.name for path in paths if not path.is_file()]
     if missing:
         raise AssemblyError(f"chunk files missing: {', '.join(missing[:5])}")
-    targets = result_paths(data_dir, job["id"], job["format"], job["shards"])
+    targets = result_paths(jobs_dir, job["id"], job["format"], job["shards"])
     if job["format"] == "npz":
         with atomic_path(targets[0]) as tmp:
             _write_npz(tmp, paths, job)
@@ -175,7 +175,7 @@ def run_chunk(client: redis.Redis, registry: ModelRegistry, settings: Settings, 
     try:
         model = registry.get(job["family"], job["version"], job["manifest_sha256"])
         arrays = render_chunk_arrays(model, job, chunk, settings.batch_size)
-        write_chunk(chunk_path(job_dir(settings.data_dir, job_id), chunk), arrays)
+        write_chunk(chunk_path(job_dir(settings.jobs_dir, job_id), chunk), arrays)
         pipe = client.pipeline()
         pipe.sadd(job_chunks_key(job_id), chunk).scard(job_chunks_key(job_id))
         pipe.hincrby(STATS_KEY, "images_generated", len(arrays["images"]))
@@ -183,7 +183,7 @@ def run_chunk(client: redis.Redis, registry: ModelRegistry, settings: Settings, 
         _, done, _, state = pipe.execute()
         if state not in ACTIVE_STATES:
             # Cancelled while this chunk rendered: whoever ended the job may have cleared the chunks before it landed.
-            discard_chunks(settings.data_dir, job_id)
+            discard_chunks(settings.jobs_dir, job_id)
         elif done == job["chunks"]:
             _assemble_once(client, settings, job)
     except Exception as exc:
@@ -191,7 +191,7 @@ def run_chunk(client: redis.Redis, registry: ModelRegistry, settings: Settings, 
         failed = {"state": FAILED, "error": f"{type(exc).__name__}: {exc}", "finished": now_iso()}
         if client.eval(*transition_args(job_id, ACTIVE_STATES, failed)):
             client.hincrby(STATS_KEY, "jobs_failed", 1)
-        discard_chunks(settings.data_dir, job_id)
+        discard_chunks(settings.jobs_dir, job_id)
 
 
 def _assemble_once(client: redis.Redis, settings: Settings, job: dict) -> None:
@@ -203,11 +203,11 @@ def _assemble_once(client: redis.Redis, settings: Settings, job: dict) -> None:
     try:
         if client.hget(job_key(job["id"]), "state") not in ACTIVE_STATES:
             return
-        results = assemble(settings.data_dir, job)
+        results = assemble(settings.jobs_dir, job)
         finished = {"state": SUCCEEDED, "finished": now_iso(), "result_bytes": sum(p.stat().st_size for p in results)}
         if client.eval(*transition_args(job["id"], ACTIVE_STATES, finished)):
             client.hincrby(STATS_KEY, "jobs_succeeded", 1)
-            discard_chunks(settings.data_dir, job["id"])
+            discard_chunks(settings.jobs_dir, job["id"])
     finally:
         try:
             lock.release()

@@ -17,7 +17,7 @@ import time
 
 import redis
 
-from service.config import Settings
+from core.settings import Settings
 from workers.engine import ModelRefused, ModelRegistry
 from workers.protocol import WORKER_PREFIX, now_iso
 

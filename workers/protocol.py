@@ -112,11 +112,11 @@ def done_samples(done_chunks: int, last_chunk_done: bool, chunk_size: int, total
     return (done_chunks - 1) * chunk_size + (last_size if last_chunk_done else chunk_size)
 
 
-def job_dir(data_dir: Path, job_id: str) -> Path:
-    """A job's folder under the data directory; the id is checked first so no path can escape it."""
+def job_dir(jobs_dir: Path, job_id: str) -> Path:
+    """A job's folder under the jobs directory; the id is checked first so no path can escape it."""
     if not JOB_ID_PATTERN.match(job_id):
         raise ValueError(f"invalid job id {job_id!r}: job ids are 32 lowercase hex digits")
-    return Path(data_dir) / "jobs" / job_id
+    return Path(jobs_dir) / job_id
 
 
 def shard_count(fmt: str, total: int, shard_size: int) -> int:
@@ -124,13 +124,13 @@ def shard_count(fmt: str, total: int, shard_size: int) -> int:
     return 1 if fmt == "npz" else chunk_count(total, shard_size)
 
 
-def result_paths(data_dir: Path, job_id: str, fmt: str, shards: int) -> list[Path]:
-    directory = job_dir(data_dir, job_id)
+def result_paths(jobs_dir: Path, job_id: str, fmt: str, shards: int) -> list[Path]:
+    directory = job_dir(jobs_dir, job_id)
     if fmt == "npz":
         return [directory / "result.npz"]
     return [directory / f"result-{shard:05d}.tar" for shard in range(shards)]
 
 
-def discard_chunks(data_dir: Path, job_id: str) -> None:
+def discard_chunks(jobs_dir: Path, job_id: str) -> None:
     """Remove a job's chunk files (assembled, cancelled or failed: nobody reads them again)."""
-    shutil.rmtree(job_dir(data_dir, job_id) / "chunks", ignore_errors=True)
+    shutil.rmtree(job_dir(jobs_dir, job_id) / "chunks", ignore_errors=True)

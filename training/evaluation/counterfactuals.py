@@ -7,36 +7,16 @@ label and shape noise of sample g·k and draw their own texture and background l
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 
-from core.compose import compose_samples
+from core.compose import UNMODIFIED, MaskModifiers, compose_samples
 from core.noise import MECHANISMS, SampleNoise, draw_labels, draw_sample_noise
 from training.data import NUM_CLASSES, DigitImages
 from training.evaluation.sources import Source
 
 ALL_LABELS = {m: list(range(NUM_CLASSES)) for m in MECHANISMS}
-
-
-@dataclass(frozen=True)
-class MaskModifiers:
-    """The shape-mechanism study of the CGN paper (REFERENCE.md, mask modifiers)."""
-
-    transparency: float = 1.0
-    rotation_deg: float = 0.0
-    noise_std: float = 0.0
-
-    @property
-    def name(self) -> str:
-        return "unmodified" if self == UNMODIFIED else "modified"
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-UNMODIFIED = MaskModifiers()
-PAPER_STUDY = MaskModifiers(transparency=0.75, rotation_deg=90.0, noise_std=0.1)
 
 
 @dataclass

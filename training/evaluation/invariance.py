@@ -16,7 +16,8 @@ import numpy as np
 
 from training.data import DigitImages, build_double_colored, build_wildlife, load_mnist
 from training.evaluation.classifier import TrainConfig, fit_and_score
-from training.evaluation.counterfactuals import UNMODIFIED, MaskModifiers, counterfactual_dataset
+from core.compose import UNMODIFIED, MaskModifiers
+from training.evaluation.counterfactuals import counterfactual_dataset
 from training.evaluation.sources import Source
 
 REAL_SPLIT = 5000  # t10k[:5000] trains the real arm, t10k[5000:] is the test set

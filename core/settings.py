@@ -1,16 +1,22 @@
-"""Settings of the gateway and the workers, read from SKDCGN_* environment variables.
+"""Every SKDCGN_* environment variable, read here and nowhere else, each with one default.
 
-Both sides read the same variables, so a gateway and its workers agree on Redis, the model repository,
-the data directory and the job chunking as long as they share one environment. Imports nothing heavy:
-worker images install this package without FastAPI.
+`Paths` are the folders the whole project uses (model repository, training runs, job results, MNIST, the
+download cache, ../shared); `Settings` adds what the gateway and the workers must agree on (Redis, limits,
+job chunking). Both sides read the same variables, so they agree as long as they share one environment.
+Imports nothing heavy: the gateway and the workers both import it.
 """
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 PREFIX = "SKDCGN_"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# SKDCGN_DATA_DIR meant the MNIST root to training and the job-results root to the service; each meaning has
+# its own variable now, and the old one keeps working (with a warning) until the next release.
+DEPRECATED_DATA_DIR = "DATA_DIR"
 
 
 class SettingsError(ValueError):
@@ -26,6 +32,36 @@ def _flag(name: str, default: bool) -> bool:
     if raw not in ("0", "1", "true", "false", "yes", "no"):
         raise SettingsError(f"{PREFIX}{name}={raw!r} is not a flag: use 1 or 0")
     return raw in ("1", "true", "yes")
+
+
+def _deprecated_data_dir(replacement: str) -> str | None:
+    value = os.environ.get(PREFIX + DEPRECATED_DATA_DIR)
+    if value:
+        warnings.warn(f"{PREFIX}{DEPRECATED_DATA_DIR} is deprecated and will be removed in the next release: "
+                      f"set {PREFIX}{replacement} instead", FutureWarning, stacklevel=3)
+    return value
+
+
+@dataclass(frozen=True)
+class Paths:
+    models_dir: Path = Path("models")  # the model repository: <family>/<version>/ and <family>/LATEST
+    runs_dir: Path = Path("runs")  # distillation work folders, sample banks, service logs
+    jobs_dir: Path = Path("data") / "jobs"  # dataset-job outputs, shared by the gateway and the workers
+    mnist_dir: Path = Path("~/.cache/skdcgn/data").expanduser()  # MNIST IDX files (or <dir>/mnist/)
+    cache_dir: Path = Path("~/.cache/skdcgn").expanduser()  # downloaded teachers
+    shared_dir: Path = REPO_ROOT.parent / "shared"  # the official teachers, t10k and textures beside the checkout
+
+    @classmethod
+    def from_env(cls) -> "Paths":
+        legacy = _deprecated_data_dir("MNIST_DIR / SKDCGN_JOBS_DIR")
+        return cls(
+            models_dir=Path(_env("MODELS_DIR", str(cls.models_dir))),
+            runs_dir=Path(_env("RUNS_DIR", str(cls.runs_dir))),
+            jobs_dir=Path(_env("JOBS_DIR", str(Path(legacy) / "jobs" if legacy else cls.jobs_dir))),
+            mnist_dir=Path(_env("MNIST_DIR", legacy or str(cls.mnist_dir))).expanduser(),
+            cache_dir=Path(_env("CACHE", str(cls.cache_dir))).expanduser(),
+            shared_dir=Path(_env("SHARED", str(cls.shared_dir))),
+        )
 
 
 def _number(name: str, default, kind=int, minimum=None):
@@ -44,8 +80,7 @@ class Settings:
     redis_url: str = "redis://127.0.0.1:6379/0"
     # The batch cache; in production a separate Redis with allkeys-lru so eviction never touches broker keys.
     cache_url: str = "redis://127.0.0.1:6379/0"
-    models_dir: Path = Path("models")
-    data_dir: Path = Path("data")
+    paths: Paths = field(default_factory=Paths)
     default_model: str = "double_colored_mnist"
     max_n: int = 64  # images per synchronous request
     max_job_n: int = 1_000_000
@@ -73,8 +108,7 @@ class Settings:
         return cls(
             redis_url=redis_url,
             cache_url=_env("CACHE_URL", redis_url),
-            models_dir=Path(_env("MODELS_DIR", str(cls.models_dir))),
-            data_dir=Path(_env("DATA_DIR", str(cls.data_dir))),
+            paths=Paths.from_env(),
             default_model=_env("DEFAULT_MODEL", cls.default_model),
             max_n=_number("MAX_N", cls.max_n, minimum=1),
             max_job_n=_number("MAX_JOB_N", cls.max_job_n, minimum=1),
@@ -95,3 +129,11 @@ class Settings:
             ort_threads=_number("ORT_THREADS", cls.ort_threads, minimum=0),
             models_loaded_max=_number("MODELS_LOADED_MAX", cls.models_loaded_max, minimum=1),
         )
+
+    @property
+    def models_dir(self) -> Path:
+        return self.paths.models_dir
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.paths.jobs_dir
