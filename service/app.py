@@ -25,20 +25,21 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from core.compose import MaskModifiers
 from core.imageio import decode, encode, grid
+from core.jobs import PUBLIC_OWNER, SUCCEEDED, JobSpec, chunk_count, now_iso, owner_of, result_paths, shard_count
 from core.manifest import ManifestError, VersionNotFound
+from core.messages import (
+    CHUNK_TASK, INTERACTIVE_QUEUE, JOBS_QUEUE, RENDER_TASK, ChunkTask, RenderBatch, RenderRequest,
+)
 from core.noise import MECHANISMS
-from service.broker import Broker, ServiceError, cache_key, redis_location, refusals
-from service.catalog import ModelCatalog, ResolvedModel, UnknownModel
 from core.settings import Settings
+from service.broker import Broker, ServiceError, redis_location, refusals
+from service.catalog import ModelCatalog, ResolvedModel, UnknownModel
 from service.jobstore import JobStore
 from service.metrics import GatewayMetrics
 from service.schemas import (
     CounterfactualRequest, JobList, JobRequest, JobState, JobStatus, Mechanism, MechanismRequest, RenderResponse,
-)
-from workers.protocol import (
-    ACTIVE_STATES, CANCELLED, CHUNK_TASK, INTERACTIVE_QUEUE, JOBS_QUEUE, PUBLIC_OWNER, QUEUED, RENDER_TASK, SUCCEEDED,
-    chunk_count, chunk_task_id, discard_chunks, now_iso, owner_of, result_paths, shard_count, transition_args,
 )
 
 RANDOM_SEED_BITS = 32  # seeds the gateway picks stay exact in JavaScript clients
@@ -115,10 +116,6 @@ def pick_seed(seed: int | None) -> int:
     return seed if seed is not None else secrets.randbits(RANDOM_SEED_BITS)
 
 
-def model_fields(model: ResolvedModel) -> dict:
-    return {"family": model.family, "version": model.version, "manifest_sha256": model.manifest_sha256}
-
-
 def model_headers(family: str, version: str, sha256: str) -> dict[str, str]:
     """The model behind an answer, for answers whose body is an image or a file."""
     return {"X-Model-Family": family, "X-Model-Version": version, "X-Manifest-SHA256": sha256}
@@ -147,22 +144,23 @@ def render_response(payload: dict, cached: bool, accept: str) -> Response:
     return JSONResponse({**payload, "cached": cached}, headers=headers)
 
 
-async def render(gw: Gateway, task: dict, endpoint: str, accept: str) -> Response:
-    key = cache_key(task)
+async def render(gw: Gateway, request: RenderRequest, endpoint: str, accept: str) -> Response:
+    key = request.cache_key()
     payload = await gw.broker.cache_get(key)
     cached = payload is not None
     if cached:
         gw.metrics.cache_hits.labels(endpoint).inc()
     else:
         gw.metrics.cache_misses.labels(endpoint).inc()
-        await gw.broker.admit(INTERACTIVE_QUEUE, gw.settings.queue_bound, f"{task['family']}/{task['version']}")
+        await gw.broker.admit(INTERACTIVE_QUEUE, gw.settings.queue_bound, f"{request.family}/{request.version}")
         task_id = uuid.uuid4().hex
         # Expiring with the timeout: a worker that reaches the task after the caller gave up skips it.
-        await gw.broker.send(RENDER_TASK, [(task_id, [task])], expires=gw.settings.sync_timeout_s)
+        batch = RenderBatch([request], [task_id])
+        await gw.broker.send(RENDER_TASK, [(task_id, batch.to_dict())], expires=gw.settings.sync_timeout_s)
         reply = await gw.broker.wait_reply(task_id)
-        if "error" in reply:
-            raise ServiceError(reply["status"], reply["error"])
-        payload = reply["ok"]
+        if reply.error is not None:
+            raise ServiceError(reply.status, reply.error)
+        payload = reply.payload
         await gw.broker.cache_set(key, payload)
     return render_response(payload, cached, accept)
 
@@ -184,9 +182,9 @@ async def counterfactual(body: CounterfactualRequest, request: Request, gw: Gate
     check_n(body.n, gw.settings.max_n, "; use POST /jobs for datasets")
     for mechanism, vectors in (body.z or {}).items():
         check_z(model, f"z.{mechanism}", vectors, body.n)
-    task = {"kind": "counterfactual", **model_fields(model), "labels": labels, "n": body.n,
-            "seed": pick_seed(body.seed), "mask": body.mask.model_dump(), "z": body.z,
-            "return_components": body.return_components, "return_noise": body.return_noise}
+    task = RenderRequest("counterfactual", model.family, model.version, model.manifest_sha256, labels, body.n,
+                         pick_seed(body.seed), body.mask.model_dump(), body.z, body.return_components,
+                         body.return_noise)
     return await render(gw, task, "counterfactual", request.headers.get("accept", ""))
 
 
@@ -200,9 +198,9 @@ async def generate(mechanism: Mechanism, body: MechanismRequest, request: Reques
     check_n(body.n, gw.settings.max_n, "; use POST /jobs for datasets")
     if body.z is not None:
         check_z(model, "z", body.z, body.n)
-    task = {"kind": "mechanism", **model_fields(model), "mechanism": mechanism, "label": body.label, "n": body.n,
-            "seed": pick_seed(body.seed), "z": {mechanism: body.z} if body.z is not None else None,
-            "return_noise": body.return_noise}
+    task = RenderRequest("mechanism", model.family, model.version, model.manifest_sha256, {mechanism: body.label},
+                         body.n, pick_seed(body.seed), MaskModifiers().to_dict(),
+                         {mechanism: body.z} if body.z is not None else None, return_noise=body.return_noise)
     return await render(gw, task, f"generate/{mechanism}", request.headers.get("accept", ""))
 
 
@@ -221,22 +219,19 @@ async def create_job(body: JobRequest, gw: Gateway = Depends(gateway), owner: st
             check_labels(model, f"labels.{mechanism}", allowed)
         choices[mechanism] = sorted(set(allowed)) if allowed is not None else list(range(model.label_count))
     await gw.broker.admit(JOBS_QUEUE, gw.settings.job_queue_bound, f"{model.family}/{model.version}")
-    job_id = uuid.uuid4().hex
     seed = pick_seed(body.seed)
     chunk_size, shard_size = gw.settings.job_chunk_size, gw.settings.job_shard_size
-    chunks, shards = chunk_count(body.n, chunk_size), shard_count(body.format, body.n, shard_size)
-    created = now_iso()
-    spec = {"id": job_id, **model_fields(model), "n": body.n, "chunk_size": chunk_size, "chunks": chunks,
-            "shard_size": shard_size, "shards": shards, "seed": seed,
-            "counterfactuals_per_shape": body.counterfactuals_per_shape, "labels": choices,
-            "mask": body.mask.model_dump(), "format": body.format, "created": created,
-            "request": body.model_dump() | {"model": model.family, "version": model.version, "seed": seed}}
-    await gw.jobs.create({"id": job_id, "owner": owner, "state": QUEUED, "model": model.family,
-                          "version": model.version, "manifest_sha256": model.manifest_sha256, "format": body.format,
-                          "seed": seed, "n": body.n, "chunks": chunks, "chunk_size": chunk_size, "shards": shards,
-                          "created": created})
-    await gw.broker.send(CHUNK_TASK, [(chunk_task_id(job_id, chunk), [spec, chunk]) for chunk in range(chunks)])
-    return JSONResponse(await gw.jobs.status(job_id, owner), status_code=202, headers={"Location": f"/jobs/{job_id}"})
+    request = body.model_dump() | {"model": model.family, "version": model.version, "seed": seed}
+    spec = JobSpec(id=uuid.uuid4().hex, family=model.family, version=model.version,
+                   manifest_sha256=model.manifest_sha256, n=body.n, chunk_size=chunk_size,
+                   chunks=chunk_count(body.n, chunk_size), shard_size=shard_size,
+                   shards=shard_count(body.format, body.n, shard_size), seed=seed,
+                   counterfactuals_per_shape=body.counterfactuals_per_shape, labels=choices,
+                   mask=body.mask.model_dump(), format=body.format, created=now_iso(), request=request)
+    await gw.jobs.create(spec, owner)
+    tasks = [ChunkTask(spec.id, chunk) for chunk in range(spec.chunks)]
+    await gw.broker.send(CHUNK_TASK, [(task.task_id, task.to_dict()) for task in tasks])
+    return JSONResponse(await gw.jobs.status(spec.id, owner), status_code=202, headers={"Location": f"/jobs/{spec.id}"})
 
 
 @router.get("/jobs", response_model=JobList)
@@ -284,15 +279,11 @@ async def delete_job(job_id: str, gw: Gateway = Depends(gateway), owner: str = D
     """Cancel a queued or running job (its remaining chunks are revoked and skipped); delete an ended job, with its
     result files."""
     record = await gw.jobs.record(job_id, owner)
-    cancelled = await gw.broker.redis.eval(
-        *transition_args(job_id, ACTIVE_STATES, {"state": CANCELLED, "finished": now_iso()}))
-    if not cancelled:
+    if not await gw.jobs.cancel(job_id):
         await gw.jobs.delete(record)
         return Response(status_code=204)
-    await gw.broker.incr_stat("jobs_cancelled")
     # Chunks also check the job's state before rendering, so a revoke that misses a worker costs nothing.
-    await gw.broker.revoke([chunk_task_id(job_id, chunk) for chunk in range(int(record["chunks"]))])
-    await asyncio.to_thread(discard_chunks, gw.settings.jobs_dir, job_id)
+    await gw.broker.revoke([ChunkTask(job_id, chunk).task_id for chunk in range(int(record["chunks"]))])
     return await gw.jobs.status(job_id, owner)
 
 

@@ -6,7 +6,6 @@ Publishing goes through Celery's (blocking) producer in a worker thread.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import math
 from urllib.parse import urlsplit
@@ -14,9 +13,9 @@ from urllib.parse import urlsplit
 import redis.asyncio as aioredis
 from kombu.exceptions import OperationalError
 
+from core.celery_config import make_celery
+from core.messages import STATS_KEY, WORKER_PREFIX, RenderReply, reply_key
 from core.settings import Settings
-from workers.celery_app import make_celery
-from workers.protocol import CACHE_PREFIX, STATS_KEY, WORKER_PREFIX, reply_key
 
 
 class ServiceError(Exception):
@@ -31,12 +30,6 @@ def redis_location(url: str) -> str:
     """host:port of a Redis URL, without credentials, for error messages."""
     parts = urlsplit(url)
     return f"{parts.hostname}:{parts.port or 6379}"
-
-
-def cache_key(task: dict) -> str:
-    """Every input that determines the output, the model version and its manifest hash included."""
-    canonical = json.dumps(task, sort_keys=True, separators=(",", ":"))
-    return CACHE_PREFIX + hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def refusals(workers: list[dict]) -> dict[str, str]:
@@ -90,13 +83,13 @@ class Broker:
             raise ServiceError(429, f"the {queue} queue holds {depth} tasks (bound {bound}); retry later",
                                {"Retry-After": str(max(1, math.ceil(depth / max(bound, 1))))})
 
-    async def send(self, name: str, calls: list[tuple[str, list]], expires: float | None = None) -> None:
-        """Publish (task_id, args) pairs over one producer connection; 503 when Redis refuses them."""
+    async def send(self, name: str, calls: list[tuple[str, dict]], expires: float | None = None) -> None:
+        """Publish (task_id, message) pairs over one producer connection; 503 when Redis refuses them."""
         def publish() -> None:
             with self.celery.producer_or_acquire() as producer:
-                for task_id, args in calls:
+                for task_id, message in calls:
                     # Answers travel through reply lists and job records: the worker stores no Celery result.
-                    self.celery.send_task(name, args=args, task_id=task_id, expires=expires, producer=producer,
+                    self.celery.send_task(name, args=[message], task_id=task_id, expires=expires, producer=producer,
                                           ignore_result=True)
 
         try:
@@ -105,13 +98,13 @@ class Broker:
             raise ServiceError(503, f"cannot queue work on Redis at {redis_location(self.settings.redis_url)}: "
                                     f"{exc}; retry shortly", {"Retry-After": "5"}) from exc
 
-    async def wait_reply(self, task_id: str) -> dict:
+    async def wait_reply(self, reply_to: str) -> RenderReply:
         timeout = self.settings.sync_timeout_s
-        popped = await self.redis.blpop([reply_key(task_id)], timeout=timeout)
+        popped = await self.redis.blpop([reply_key(reply_to)], timeout=timeout)
         if popped is None:
             raise ServiceError(504, f"no worker answered within {timeout:g} s; the service is overloaded or a "
                                     "worker is stuck: retry later, or ask for fewer images")
-        return json.loads(popped[1])
+        return RenderReply.from_dict(json.loads(popped[1]))
 
     async def cache_get(self, key: str) -> dict | None:
         """A cached payload, or None; a failing cache is a miss, never an error."""
@@ -132,9 +125,6 @@ class Broker:
 
     async def revoke(self, task_ids: list[str]) -> None:
         await asyncio.to_thread(self.celery.control.revoke, task_ids)
-
-    async def incr_stat(self, field: str) -> None:
-        await self.redis.hincrby(STATS_KEY, field, 1)
 
     async def snapshot(self, queues: tuple[str, ...]) -> dict:
         """What /metrics reports from Redis: queue depths, ready workers, the stats hash."""

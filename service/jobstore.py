@@ -1,7 +1,7 @@
-"""Job records as the gateway sees them: status, ownership, listing, deletion and retention.
+"""Job records as the gateway sees them: creation, status, ownership, listing, cancelling, deletion, retention.
 
-A job hash (`skdcgn:job:<id>`) is written by the gateway and moved through its states by the transition
-script, by the gateway and the workers alike. Each owner (the hash of an API key, or `public`) has an index of
+A job hash (`skdcgn:job:<id>`) holds the job's status fields and its spec (core.jobs.JobSpec), written once by
+the gateway and moved through its states by core.jobs's transitions, by the gateway and the workers alike. Each owner (the hash of an API key, or `public`) has an index of
 its jobs by creation time, which GET /jobs pages through; the transition script files ended jobs by end time,
 which is the retention clock, so the cleanup never sees a queued or running job. Result files live in the
 data directory the gateway shares with the workers.
@@ -17,11 +17,12 @@ from pathlib import Path
 
 import redis.asyncio as aioredis
 
-from service.broker import ServiceError
-from workers.protocol import (
-    JOB_ID_PATTERN, JOBS_ENDED_KEY, STATS_KEY, SUCCEEDED, done_samples, job_chunks_key, job_dir, job_key,
-    jobs_index_key,
+from core.jobs import (
+    CANCELLED, JOB_ID_PATTERN, JOBS_ENDED_KEY, QUEUED, SUCCEEDED, JobSpec, discard_chunks, done_samples, end_args,
+    job_chunks_key, job_dir, job_key, jobs_index_key,
 )
+from core.messages import STATS_KEY
+from service.broker import ServiceError
 
 logger = logging.getLogger(__name__)
 CURSOR_PATTERN = re.compile(r"^(\d+):([0-9a-f]{32})$")  # "<created epoch ms>:<id>" of the last job of a page
@@ -46,12 +47,25 @@ class JobStore:
     def __init__(self, client: aioredis.Redis, jobs_dir: Path):
         self.redis, self.jobs_dir = client, Path(jobs_dir)
 
-    async def create(self, record: dict) -> None:
+    async def create(self, spec: JobSpec, owner: str) -> None:
+        """Store the job once: its status fields and its spec, which chunk messages refer to by id."""
+        record = {"id": spec.id, "owner": owner, "state": QUEUED, "model": spec.family, "version": spec.version,
+                  "manifest_sha256": spec.manifest_sha256, "format": spec.format, "seed": spec.seed, "n": spec.n,
+                  "chunks": spec.chunks, "chunk_size": spec.chunk_size, "shards": spec.shards,
+                  "created": spec.created, "spec": spec.to_json()}
         pipe = self.redis.pipeline()
-        pipe.hset(job_key(record["id"]), mapping=record)
-        pipe.zadd(jobs_index_key(record["owner"]), {record["id"]: int(time.time() * 1000)})
+        pipe.hset(job_key(spec.id), mapping=record)
+        pipe.zadd(jobs_index_key(owner), {spec.id: int(time.time() * 1000)})
         pipe.hincrby(STATS_KEY, "jobs_submitted", 1)
         await pipe.execute()
+
+    async def cancel(self, job_id: str) -> bool:
+        """Cancel an active job: True when this call ended it (its chunks are then discarded), False if it had ended."""
+        if not await self.redis.eval(*end_args(job_id, CANCELLED)):
+            return False
+        await self.redis.hincrby(STATS_KEY, "jobs_cancelled", 1)
+        await asyncio.to_thread(discard_chunks, self.jobs_dir, job_id)
+        return True
 
     async def record(self, job_id: str, owner: str) -> dict:
         """The job hash; 404 when there is none, or it belongs to another API key (which must not learn it exists)."""

@@ -23,8 +23,8 @@ from urllib.request import urlopen
 import redis
 
 from core.manifest import ManifestError, latest_version
+from core.messages import QUEUES
 from core.settings import Settings
-from workers.protocol import INTERACTIVE_QUEUE, JOBS_QUEUE
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -61,7 +61,7 @@ def start_worker(env: dict[str, str], log: IO, name: str = "worker1") -> subproc
     """One Celery worker process (solo pool: one process per GPU), interactive queue polled first."""
     return subprocess.Popen(
         [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker", "--pool", "solo", "--concurrency", "1",
-         "--queues", f"{INTERACTIVE_QUEUE},{JOBS_QUEUE}", "--hostname", f"{name}@%h", "--without-gossip",
+         "--queues", ",".join(QUEUES), "--hostname", f"{name}@%h", "--without-gossip",
          "--without-mingle", "--loglevel", "info"],
         cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, FiniteFloat
+from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, create_model
+
+from core.compose import MODIFIER_FIELDS
 
 Mechanism = Literal["shape", "texture", "background"]
 JobFormat = Literal["npz", "png"]
@@ -21,12 +23,13 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class MaskModifiers(Strict):
-    """The paper's study of the shape mechanism; every draw is seeded by the request's seed."""
-
-    transparency: float = Field(1.0, ge=0.0, le=1.0, description="a: the mask is scaled by a (0.75 keeps 3/4)")
-    rotation_deg: float = Field(0.0, ge=0.0, le=180.0, description="r: the mask turns by an angle drawn in [-r, r]")
-    noise_std: float = Field(0.0, ge=0.0, le=1.0, description="σ: the mask gets N(0, σ²) noise, clipped to [0, 1]")
+# The body of core.compose.MaskModifiers, bounds and descriptions from its one table.
+MaskBody = create_model(
+    "MaskBody", __base__=Strict, __doc__="The paper's study of the shape mechanism; every draw is seeded by the "
+                                         "request's seed.",
+    **{name: (float, Field(default, ge=low, le=high, description=text))
+       for name, ((low, high), default, text) in MODIFIER_FIELDS.items()},
+)
 
 
 class ModelChoice(Strict):
@@ -40,7 +43,7 @@ class CounterfactualRequest(ModelChoice):
     background: int = Field(description="label of the background mechanism")
     n: int = Field(1, ge=1, description="images to draw (at most the server's SKDCGN_MAX_N)")
     seed: Optional[int] = Field(None, ge=0, le=SEED_MAX, description="random when omitted; returned in the answer")
-    mask: MaskModifiers = Field(default_factory=MaskModifiers)
+    mask: MaskBody = Field(default_factory=MaskBody)
     z: Optional[dict[Mechanism, NoiseVectors]] = Field(
         None, description="explicit noise per mechanism: n vectors each; replaces the drawn z, nothing else"
     )
@@ -72,7 +75,7 @@ class JobRequest(ModelChoice):
     seed: Optional[int] = Field(None, ge=0, le=SEED_MAX)
     format: JobFormat = "npz"
     labels: LabelChoices = Field(default_factory=LabelChoices)
-    mask: MaskModifiers = Field(default_factory=MaskModifiers)
+    mask: MaskBody = Field(default_factory=MaskBody)
 
 
 class RenderResponse(BaseModel):

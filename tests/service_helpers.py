@@ -12,8 +12,8 @@ import numpy as np
 
 from core.imageio import decode
 from core.manifest import latest_version, load_manifest, write_manifest
+from tests.paths import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 FAMILY = "double_colored_mnist"
 JOB_TIMEOUT_S = 90
 
@@ -82,5 +82,6 @@ def swap_texture_and_background(manifest: dict, _directory) -> None:
     """A visibly different model from the same files: no fused graph, texture and background students swapped."""
     manifest["fused"] = None
     mechanisms = manifest["mechanisms"]
-    mechanisms["texture"]["file"], mechanisms["background"]["file"] = (mechanisms["background"]["file"],
-                                                                       mechanisms["texture"]["file"])
+    for field in ("file", "outputs"):  # a graph's output keeps its name: the manifest must say so
+        mechanisms["texture"][field], mechanisms["background"][field] = (mechanisms["background"][field],
+                                                                         mechanisms["texture"][field])

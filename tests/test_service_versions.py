@@ -25,7 +25,7 @@ from core.hashing import sha256_file
 from core.imageio import decode
 from core.manifest import load_manifest
 from core.settings import Settings
-from tests.conftest import copy_models
+from tests.model_helpers import copy_models
 from tests.service_helpers import (
     FAMILY, REPO, counterfactual, current_version, images_of, load_npz, new_version, poll, swap_texture_and_background,
     wait_job,
@@ -85,12 +85,14 @@ def registry_cli(*args: str, models_dir) -> str:
 
 
 def test_onnxruntime_sessions_use_the_configured_threads_without_spinning(vstack):
-    from workers.engine import ModelRegistry
+    from workers.engine import LoadedModels
 
     assert Settings().ort_threads == 1
-    registry = ModelRegistry(vstack.models_dir, capacity=1, ort_threads=2)
-    assert registry.options.intra_op_num_threads == 2
-    assert registry.options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    model = LoadedModels(vstack.models_dir, capacity=1, ort_threads=2).get(FAMILY)
+    for session in [model.fused, *model.sessions.values()]:
+        options = session.get_session_options()
+        assert options.intra_op_num_threads == 2
+        assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
 
 
 def test_versions_listed_pinned_and_unknown_ones_404(http, vstack, swapped):

@@ -1,57 +1,8 @@
-"""The Celery app: Redis broker, one worker process per GPU, prefetch 1, late acks, redelivery on worker loss.
-
-The gateway imports this module to send tasks by name; it must not import workers.tasks (and so
-onnxruntime). A worker started with `celery -A workers.celery_app worker` imports the tasks through
-`include`. Run it with `--pool solo` (the default here) or `threads`: models load after start, never
-before a fork, so the CUDA provider stays usable.
-
-Redis is the broker and the result backend. Tasks store no Celery result, though (the backend keeps the
-states Celery records itself, such as revocations): interactive answers travel through per-task Redis
-reply lists the gateway awaits with asyncio, because Celery's Redis result consumer is not safe to share
-between a server's threads (celery/celery#4670, #6335); job outputs go to job records and files.
-"""
+"""The worker's Celery app: `celery -A workers.celery_app worker` (configuration in core.celery_config)."""
 from __future__ import annotations
 
-from celery import Celery
-from kombu import Queue
-
+from core.celery_config import make_celery
 from core.settings import Settings
-from workers.protocol import CHUNK_TASK, INTERACTIVE_QUEUE, JOBS_QUEUE, RENDER_TASK
-
-
-def make_celery(settings: Settings) -> Celery:
-    app = Celery("skdcgn", broker=settings.redis_url, backend=settings.redis_url, include=["workers.tasks"])
-    # Abandoned (unacknowledged) messages are swept back into their queue once they are older than the
-    # visibility timeout; sweep at a quarter of it so a killed worker's chunk returns promptly.
-    restore_interval = max(1, min(10, settings.visibility_timeout_s // 4))
-    app.conf.update(
-        task_serializer="json",
-        accept_content=["json"],
-        task_ignore_result=True,
-        worker_prefetch_multiplier=1,
-        task_acks_late=True,
-        task_reject_on_worker_lost=True,
-        worker_pool="solo",
-        worker_concurrency=1,
-        broker_connection_retry_on_startup=True,
-        # Chunks are idempotent: a task whose acknowledgement cannot reach a lost broker is redelivered.
-        worker_cancel_long_running_tasks_on_connection_loss=True,
-        broker_transport_options={
-            "visibility_timeout": settings.visibility_timeout_s,
-            "unacked_restore_interval": restore_interval,
-            "unacked_restore_throttle": 1,
-            # Poll the interactive queue first, so single requests overtake waiting job chunks.
-            "queue_order_strategy": "priority",
-            "socket_connect_timeout": 2,
-        },
-        # Publishing fails fast when Redis is gone: the gateway then answers 503 instead of hanging.
-        task_publish_retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.5},
-        task_queues=[Queue(INTERACTIVE_QUEUE), Queue(JOBS_QUEUE)],
-        task_default_queue=INTERACTIVE_QUEUE,
-        task_routes={RENDER_TASK: {"queue": INTERACTIVE_QUEUE}, CHUNK_TASK: {"queue": JOBS_QUEUE}},
-    )
-    return app
-
 
 settings = Settings.from_env()
-app = make_celery(settings)
+app = make_celery(settings, include=("workers.tasks",))

@@ -1,7 +1,9 @@
-"""onnxruntime sessions for the model repository's versions, and the rendering that runs on them.
+"""The versions a worker has loaded, and the rendering that runs on them.
 
-Worker-only: this module imports onnxruntime (never torch). Noise, composition and image encoding come
-from core/, so a sample rendered here matches one rendered anywhere else for the same seed and index.
+Worker-only: models run through core.runtime (onnxruntime, never torch). Noise, composition and image encoding
+come from core/, so a sample rendered here matches one rendered anywhere else for the same seed and index, and
+a request rendered inside a batch of other requests gets exactly the pixels it would get alone: every sample
+draws its own noise from its own seed, and the graphs compute each sample independently of the others.
 """
 from __future__ import annotations
 
@@ -10,21 +12,20 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
-import onnxruntime as ort
 
-from core.compose import compose_samples
+from core.compose import MaskModifiers, compose_samples
 from core.imageio import encode, to_uint8
 from core.manifest import (
     ManifestError, latest_version, list_families, list_versions, load_manifest, manifest_sha256, resolve_version,
     verify_files,
 )
-from core.noise import MECHANISMS, NoiseSpec, SampleNoise, draw_sample_noise
-from core.onnx_session import session_options
+from core.messages import RenderBatch, RenderReply, RenderRequest
+from core.noise import MECHANISMS, SampleNoise, draw_sample_noise
+from core.runtime import ModelRuntime, execution_providers
 
 logger = logging.getLogger(__name__)
 
@@ -37,71 +38,6 @@ class ModelRefused(RuntimeError):
     """A version's files fail their manifest's sha256 check (corrupt, or still being copied): it is not served."""
 
 
-def execution_providers() -> list[str]:
-    """CUDA when this onnxruntime build and the machine offer it, CPU otherwise."""
-    if "CUDAExecutionProvider" in ort.get_available_providers():
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    return ["CPUExecutionProvider"]
-
-
-@dataclass(frozen=True)
-class MaskModifiers:
-    """The shape-mechanism study: transparency a, rotation within ±r degrees, Gaussian mask noise σ."""
-
-    transparency: float = 1.0
-    rotation_deg: float = 0.0
-    noise_std: float = 0.0
-
-
-class LoadedModel:
-    """One verified version of a family: a session per mechanism, the fused session when exported."""
-
-    def __init__(self, family: str, version: str, directory: Path, manifest: dict, sha256: str,
-                 options: ort.SessionOptions, providers: list[str]):
-        self.family, self.version, self.manifest, self.manifest_sha256 = family, version, manifest, sha256
-        self.noise_spec = NoiseSpec.from_manifest(manifest["noise"])
-        self.image_size = int(manifest["image_size"])
-        self.sessions = {
-            mechanism: ort.InferenceSession(str(directory / block["file"]), options, providers=providers)
-            for mechanism, block in manifest["mechanisms"].items()
-        }
-        fused = manifest.get("fused")
-        self.fused = ort.InferenceSession(str(directory / fused["file"]), options, providers=providers) if fused else None
-        self.provider = (self.fused or next(iter(self.sessions.values()))).get_providers()[0]
-
-    @property
-    def name(self) -> str:
-        return f"{self.family}/{self.version}"
-
-    def output_range(self, mechanism: str) -> tuple[float, float]:
-        (spec,) = self.manifest["mechanisms"][mechanism]["outputs"].values()
-        low, high = spec["range"]
-        return float(low), float(high)
-
-    def run_mechanism(self, mechanism: str, z: np.ndarray, labels: np.ndarray) -> np.ndarray:
-        return self.sessions[mechanism].run(None, {"z": z, "y": labels})[0]
-
-    def run_all(self, z: Mapping[str, np.ndarray], labels: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """The three mechanisms' outputs: one fused call when the version ships fused.onnx."""
-        if self.fused is None:
-            return {m: self.run_mechanism(m, z[m], labels[m]) for m in MECHANISMS}
-        feeds = {f"z_{m}": z[m] for m in MECHANISMS} | {f"y_{m}": labels[m] for m in MECHANISMS}
-        names = [next(iter(self.manifest["mechanisms"][m]["outputs"])) for m in MECHANISMS]
-        return dict(zip(MECHANISMS, self.fused.run(names, feeds)))
-
-    def warm_up(self) -> None:
-        """One call per session, so the first request does not pay for allocation and kernel selection.
-
-        Two samples: a graph whose batch axis was frozen at export fails here, at load, not on a request.
-        """
-        z = np.zeros((2, self.noise_spec.dim), np.float32)
-        y = np.zeros(2, np.int64)
-        for mechanism in self.sessions:
-            self.run_mechanism(mechanism, z, y)
-        if self.fused is not None:
-            self.run_all({m: z for m in MECHANISMS}, {m: y for m in MECHANISMS})
-
-
 def file_signature(directory: Path) -> tuple:
     """Name, size, inode and change times of a version's files: any rewrite, copy or rename changes it."""
     entries = []
@@ -111,14 +47,17 @@ def file_signature(directory: Path) -> tuple:
     return tuple(entries)
 
 
-class ModelRegistry:
-    """The versions this worker has loaded, least recently used evicted first, and those it refuses; thread-safe."""
+class LoadedModels:
+    """The versions this worker holds in memory (least recently used evicted first) and those it refuses.
+
+    Files are sha256-checked once per change of their signature, so the watcher can audit the repository every
+    second cheaply; thread-safe (the watcher thread and the task thread both use it).
+    """
 
     def __init__(self, models_dir: Path, capacity: int, ort_threads: int):
-        self.models_dir, self.capacity = Path(models_dir), capacity
+        self.models_dir, self.capacity, self.ort_threads = Path(models_dir), capacity, ort_threads
         self.providers = execution_providers()
-        self.options = session_options(ort_threads)
-        self._loaded: OrderedDict[tuple[str, str], LoadedModel] = OrderedDict()
+        self._loaded: OrderedDict[tuple[str, str], ModelRuntime] = OrderedDict()
         # (family, version) -> (file signature, refusal reason or None): files are hashed again only when they change.
         self._checked: dict[tuple[str, str], tuple[tuple, str | None]] = {}
         self._lock = threading.Lock()
@@ -163,7 +102,7 @@ class ModelRegistry:
             return {f"{family}/{version}": reason for (family, version), (_, reason) in self._checked.items()
                     if reason is not None}
 
-    def get(self, family: str, version: str | None = None, expected_sha256: str | None = None) -> LoadedModel:
+    def get(self, family: str, version: str | None = None, expected_sha256: str | None = None) -> ModelRuntime:
         """The loaded version (LATEST when None), reloaded if its manifest changed on disk; refused if files fail."""
         version, directory = resolve_version(self.models_dir, family, version)
         self.check(family, version, directory)
@@ -173,7 +112,7 @@ class ModelRegistry:
         with self._lock:
             model = self._loaded.get((family, version))
             if model is None or model.manifest_sha256 != on_disk:
-                model = self._load(family, version, directory, on_disk)
+                model = self._load(directory)
                 self._loaded[(family, version)] = model
                 while len(self._loaded) > self.capacity:
                     evicted = self._loaded.popitem(last=False)[1]
@@ -181,10 +120,9 @@ class ModelRegistry:
             self._loaded.move_to_end((family, version))
             return model
 
-    def _load(self, family: str, version: str, directory: Path, sha256: str) -> LoadedModel:
+    def _load(self, directory: Path) -> ModelRuntime:
         started = time.perf_counter()
-        manifest = load_manifest(directory)
-        model = LoadedModel(family, version, directory, manifest, sha256, self.options, self.providers)
+        model = ModelRuntime(directory, threads=self.ort_threads, providers=self.providers, verify=False)
         model.warm_up()
         logger.info("loaded %s on %s in %.2f s", model.name, model.provider, time.perf_counter() - started)
         return model
@@ -210,24 +148,20 @@ class ModelRegistry:
         return models[-1].provider if models else self.providers[0]
 
 
-def draw_noises(model: LoadedModel, seed: int, indices: Iterable[int], modifiers: MaskModifiers,
+def draw_noises(model: ModelRuntime, seed: int, indices: Iterable[int], modifiers: MaskModifiers,
                 z_overrides: Sequence[Mapping[str, Sequence[float]] | None]) -> list[SampleNoise]:
     return [
-        draw_sample_noise(seed, index, model.noise_spec, model.image_size, rotation_deg=modifiers.rotation_deg,
+        draw_sample_noise(seed, index, model.noise, model.image_size, rotation_deg=modifiers.rotation_deg,
                           noise_std=modifiers.noise_std, z_override=override)
         for index, override in zip(indices, z_overrides)
     ]
 
 
-def counterfactual_batch(model: LoadedModel, seed: int, indices: Sequence[int], labels: Sequence[Mapping[str, int]],
-                         modifiers: MaskModifiers, z_overrides: Sequence[Mapping | None]):
-    """Composite images (uint8 NHWC), the components as composed (uint8), and the z used, for samples `indices`."""
-    noises = draw_noises(model, seed, indices, modifiers, z_overrides)
-    z = {m: np.stack([noise.z[m] for noise in noises]) for m in MECHANISMS}
-    y = {m: np.asarray([sample[m] for sample in labels], np.int64) for m in MECHANISMS}
-    outputs = model.run_all(z, y)
+def compose_batch(model: ModelRuntime, outputs: Mapping[str, np.ndarray], noises: list[SampleNoise],
+                  modifiers: MaskModifiers):
+    """Composite images (uint8 NHWC) and the components as composed (uint8) from the mechanisms' outputs."""
     composite, mask, texture, background = compose_samples(
-        outputs["shape"], outputs["texture"], outputs["background"], noises, bool(model.manifest["texture_shuffle"]),
+        outputs["shape"], outputs["texture"], outputs["background"], noises, model.texture_shuffle,
         modifiers.transparency,
     )
     components = {
@@ -235,7 +169,23 @@ def counterfactual_batch(model: LoadedModel, seed: int, indices: Sequence[int], 
         "texture": to_uint8(texture, model.output_range("texture")),
         "background": to_uint8(background, model.output_range("background")),
     }
-    return to_uint8(composite, model.output_range("texture")), components, z
+    return to_uint8(composite, model.output_range("texture")), components
+
+
+def stack_inputs(noises: list[SampleNoise], labels: Sequence[Mapping[str, int]]) -> tuple[dict, dict]:
+    """The graphs' z and y feeds for a list of samples."""
+    z = {m: np.stack([noise.z[m] for noise in noises]) for m in MECHANISMS}
+    y = {m: np.asarray([sample[m] for sample in labels], np.int64) for m in MECHANISMS}
+    return z, y
+
+
+def counterfactual_batch(model: ModelRuntime, seed: int, indices: Sequence[int], labels: Sequence[Mapping[str, int]],
+                         modifiers: MaskModifiers, z_overrides: Sequence[Mapping | None]):
+    """Composite images (uint8 NHWC), the components as composed (uint8), and the z used, for samples `indices`."""
+    noises = draw_noises(model, seed, indices, modifiers, z_overrides)
+    z, y = stack_inputs(noises, labels)
+    images, components = compose_batch(model, model.run_all(z, y), noises, modifiers)
+    return images, components, z
 
 
 def encode_base64_png(images: np.ndarray) -> list[str]:
@@ -249,26 +199,81 @@ def _per_sample_z(z: Mapping[str, list] | None, n: int) -> list[dict | None]:
     return [{mechanism: vectors[i] for mechanism, vectors in z.items()} for i in range(n)]
 
 
-def render_request(registry: ModelRegistry, request: dict) -> dict:
-    """An interactive request (see service.app) to the JSON payload the gateway returns and caches."""
-    model = registry.get(request["family"], request["version"], request["manifest_sha256"])
-    n, seed = request["n"], request["seed"]
-    overrides = _per_sample_z(request.get("z"), n)
+def _payload(model: ModelRuntime, request: RenderRequest, images: np.ndarray, z: Mapping[str, np.ndarray],
+             components: Mapping[str, np.ndarray] | None = None) -> dict:
+    """The JSON body the gateway returns and caches for one request."""
     payload = {"model": model.family, "version": model.version, "manifest_sha256": model.manifest_sha256,
-               "provider": model.provider, "seed": seed, "n": n}
-    if request["kind"] == "counterfactual":
-        images, components, z = counterfactual_batch(
-            model, seed, range(n), [request["labels"]] * n, MaskModifiers(**request["mask"]), overrides
-        )
-        if request["return_components"]:
-            payload["components"] = {name: encode_base64_png(value) for name, value in components.items()}
-    else:
-        mechanism = request["mechanism"]
-        noises = draw_noises(model, seed, range(n), MaskModifiers(), overrides)
-        z = {mechanism: np.stack([noise.z[mechanism] for noise in noises])}
-        output = model.run_mechanism(mechanism, z[mechanism], np.full(n, request["label"], np.int64))
-        images = to_uint8(output, model.output_range(mechanism))
-    payload["images"] = encode_base64_png(images)
-    if request["return_noise"]:
-        payload["z"] = {mechanism: values.tolist() for mechanism, values in z.items()}
+               "provider": model.provider, "seed": request.seed, "n": request.n,
+               "images": encode_base64_png(images)}
+    if components is not None and request.return_components:
+        payload["components"] = {name: encode_base64_png(value) for name, value in components.items()}
+    if request.return_noise:
+        payload["z"] = {mechanism: np.asarray(values).tolist() for mechanism, values in z.items()}
     return payload
+
+
+def _render_counterfactuals(model: ModelRuntime, requests: list[RenderRequest]) -> list[dict]:
+    """Several counterfactual requests of one version in one call of the graphs, each composed on its own."""
+    per_request = []
+    for request in requests:
+        modifiers = MaskModifiers(**request.mask)
+        noises = draw_noises(model, request.seed, range(request.n), modifiers, _per_sample_z(request.z, request.n))
+        per_request.append((request, modifiers, noises))
+    all_noises = [noise for _, _, noises in per_request for noise in noises]
+    all_labels = [request.labels for request, _, noises in per_request for _ in noises]
+    z, y = stack_inputs(all_noises, all_labels)
+    outputs = model.run_all(z, y)
+    payloads, start = [], 0
+    for request, modifiers, noises in per_request:
+        rows = slice(start, start + len(noises))
+        start = rows.stop
+        images, components = compose_batch(model, {m: out[rows] for m, out in outputs.items()}, noises, modifiers)
+        payloads.append(_payload(model, request, images, {m: values[rows] for m, values in z.items()}, components))
+    return payloads
+
+
+def _render_mechanisms(model: ModelRuntime, mechanism: str, requests: list[RenderRequest]) -> list[dict]:
+    """Several single-mechanism requests of one version and mechanism in one call of its graph."""
+    noises = [draw_noises(model, r.seed, range(r.n), MaskModifiers(), _per_sample_z(r.z, r.n)) for r in requests]
+    z = np.stack([noise.z[mechanism] for group in noises for noise in group])
+    y = np.asarray([r.labels[mechanism] for r in requests for _ in range(r.n)], np.int64)
+    images = to_uint8(model.run(mechanism, z, y), model.output_range(mechanism))
+    payloads, start = [], 0
+    for request in requests:
+        rows = slice(start, start + request.n)
+        start = rows.stop
+        payloads.append(_payload(model, request, images[rows], {mechanism: z[rows]}))
+    return payloads
+
+
+def _failure(exc: Exception, request: RenderRequest) -> RenderReply:
+    if isinstance(exc, ModelRefused):
+        return RenderReply.failure(503, f"{exc}; the version is unavailable until its files are restored")
+    if isinstance(exc, ModelChanged):
+        return RenderReply.failure(409, str(exc))
+    logger.error("render failed for %s/%s", request.family, request.version, exc_info=exc)
+    return RenderReply.failure(500, f"the worker could not render this request: {type(exc).__name__}: {exc}")
+
+
+def render_batch(models: LoadedModels, batch: RenderBatch) -> list[RenderReply]:
+    """One reply per request of the batch, in order. Requests of the same version and kind (and mechanism) share
+    one call of the graphs; a group that fails answers each of its requests with the error, the others go on."""
+    groups: OrderedDict[tuple, list[int]] = OrderedDict()
+    for index, request in enumerate(batch.requests):
+        mechanism = request.mechanism if request.kind == "mechanism" else None
+        groups.setdefault((request.family, request.version, request.manifest_sha256, mechanism), []).append(index)
+    replies: list[RenderReply | None] = [None] * len(batch.requests)
+    for (family, version, sha256, mechanism), indices in groups.items():
+        requests = [batch.requests[i] for i in indices]
+        try:
+            model = models.get(family, version, sha256)
+            if mechanism is None:
+                payloads = _render_counterfactuals(model, requests)
+            else:
+                payloads = _render_mechanisms(model, mechanism, requests)
+            for i, payload in zip(indices, payloads):
+                replies[i] = RenderReply(payload=payload)
+        except Exception as exc:  # every request of the group hears why; other groups are unaffected
+            for i, request in zip(indices, requests):
+                replies[i] = _failure(exc, request)
+    return replies

@@ -10,7 +10,7 @@ import sys
 import redis
 
 from core.settings import Settings
-from workers.protocol import WORKER_PREFIX
+from core.messages import WORKER_PREFIX
 
 
 def main() -> int:

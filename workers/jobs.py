@@ -21,14 +21,17 @@ import numpy as np
 import redis
 
 from core.atomic import atomic_path
+from core.compose import MaskModifiers
 from core.imageio import encode
-from core.noise import draw_labels, draw_sample_noise
-from core.settings import Settings
-from workers.engine import LoadedModel, MaskModifiers, ModelRegistry, counterfactual_batch
-from workers.protocol import (
-    ACTIVE_STATES, FAILED, QUEUED, RUNNING, STATS_KEY, SUCCEEDED, chunk_bounds, discard_chunks, job_chunks_key,
-    job_dir, job_key, job_lock_key, now_iso, result_paths, transition_args,
+from core.jobs import (
+    ACTIVE_STATES, FAILED, SUCCEEDED, JobSpec, chunk_bounds, chunk_done_args, chunk_path, discard_chunks, end_args,
+    job_chunks_key, job_key, job_lock_key, now_iso, result_paths, start_args,
 )
+from core.messages import STATS_KEY, ChunkTask
+from core.noise import draw_labels, draw_sample_noise
+from core.runtime import ModelRuntime
+from core.settings import Settings
+from workers.engine import LoadedModels, counterfactual_batch
 
 logger = logging.getLogger(__name__)
 CHUNK_ARRAYS = ("images", "labels", "indices")
@@ -44,26 +47,26 @@ class AssemblyError(RuntimeError):
     """The chunk files on disk do not add up to the job's samples."""
 
 
-def sample_inputs(model: LoadedModel, job: dict, index: int) -> tuple[dict, dict | None]:
+def sample_inputs(model: ModelRuntime, job: JobSpec, index: int) -> tuple[dict, dict | None]:
     """Labels and z override of sample `index`: counterfactuals of one group share their first sample's shape."""
-    labels = draw_labels(job["seed"], index, job["labels"])
-    first = index - index % job["counterfactuals_per_shape"]
+    labels = draw_labels(job.seed, index, job.labels)
+    first = index - index % job.counterfactuals_per_shape
     if first == index:
         return labels, None
-    labels["shape"] = draw_labels(job["seed"], first, job["labels"])["shape"]
-    shape_z = draw_sample_noise(job["seed"], first, model.noise_spec, model.image_size).z["shape"]
+    labels["shape"] = draw_labels(job.seed, first, job.labels)["shape"]
+    shape_z = draw_sample_noise(job.seed, first, model.noise, model.image_size).z["shape"]
     return labels, {"shape": shape_z}
 
 
-def render_chunk_arrays(model: LoadedModel, job: dict, chunk: int, batch_size: int) -> dict[str, np.ndarray]:
-    start, stop = chunk_bounds(chunk, job["chunk_size"], job["n"])
-    modifiers = MaskModifiers(**job["mask"])
+def render_chunk_arrays(model: ModelRuntime, job: JobSpec, chunk: int, batch_size: int) -> dict[str, np.ndarray]:
+    start, stop = chunk_bounds(chunk, job.chunk_size, job.n)
+    modifiers = MaskModifiers(**job.mask)
     images, labels = [], []
     for batch_start in range(start, stop, batch_size):
         indices = range(batch_start, min(batch_start + batch_size, stop))
         inputs = [sample_inputs(model, job, index) for index in indices]
         batch_images, _, _ = counterfactual_batch(
-            model, job["seed"], indices, [item[0] for item in inputs], modifiers, [item[1] for item in inputs]
+            model, job.seed, indices, [item[0] for item in inputs], modifiers, [item[1] for item in inputs]
         )
         images.append(batch_images)
         labels += [[item[0]["shape"], item[0]["texture"], item[0]["background"]] for item in inputs]
@@ -71,27 +74,23 @@ def render_chunk_arrays(model: LoadedModel, job: dict, chunk: int, batch_size: i
             "indices": np.arange(start, stop, dtype=np.int64)}
 
 
-def chunk_path(directory: Path, chunk: int) -> Path:
-    return directory / "chunks" / f"{chunk:06d}.npz"
-
-
 def write_chunk(path: Path, arrays: dict[str, np.ndarray]) -> None:
     with atomic_path(path) as tmp, open(tmp, "wb") as handle:
         np.savez(handle, **arrays)
 
 
-def provenance(job: dict, start: int, stop: int, shard: int) -> dict:
+def provenance(job: JobSpec, start: int, stop: int, shard: int) -> dict:
     """What names the model behind samples start..stop-1 of a job, and what it takes to render them again."""
     return {
-        "job_id": job["id"], "request": job["request"], "family": job["family"], "version": job["version"],
-        "manifest_sha256": job["manifest_sha256"], "seed": job["seed"], "samples": job["n"],
-        "indices": [start, stop], "shard": shard, "shards": job["shards"], "sample_seeds": SEED_RULE,
-        "counterfactuals_per_shape": job["counterfactuals_per_shape"], "labels": job["labels"], "mask": job["mask"],
-        "created": job["created"], "assembled": now_iso(),
+        "job_id": job.id, "request": job.request, "family": job.family, "version": job.version,
+        "manifest_sha256": job.manifest_sha256, "seed": job.seed, "samples": job.n,
+        "indices": [start, stop], "shard": shard, "shards": job.shards, "sample_seeds": SEED_RULE,
+        "counterfactuals_per_shape": job.counterfactuals_per_shape, "labels": job.labels, "mask": job.mask,
+        "created": job.created, "assembled": now_iso(),
     }
 
 
-def _provenance_text(job: dict, start: int, stop: int, shard: int) -> str:
+def _provenance_text(job: JobSpec, start: int, stop: int, shard: int) -> str:
     return json.dumps(provenance(job, start, stop, shard), indent=2) + "\n"
 
 
@@ -102,9 +101,9 @@ def _samples(chunk_paths: list[Path]):
             yield from zip(chunk["images"], chunk["labels"], chunk["indices"])
 
 
-def _write_npz(target: Path, chunk_paths: list[Path], job: dict) -> None:
+def _write_npz(target: Path, chunk_paths: list[Path], job: JobSpec) -> None:
     """Stream the chunks into one npz (uncompressed zip of .npy members) without holding the dataset in memory."""
-    n = job["n"]
+    n = job.n
     with np.load(chunk_paths[0]) as first:
         layout = {name: (first[name].dtype, first[name].shape[1:]) for name in CHUNK_ARRAYS}
     with zipfile.ZipFile(target, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
@@ -130,12 +129,12 @@ def _add_bytes(archive: tarfile.TarFile, name: str, data: bytes) -> None:
     archive.addfile(info, io.BytesIO(data))
 
 
-def _write_tars(targets: list[Path], chunk_paths: list[Path], job: dict) -> None:
+def _write_tars(targets: list[Path], chunk_paths: list[Path], job: JobSpec) -> None:
     """Tar shards of `shard_size` samples: PNG files, labels.csv (file, labels, seed, index) and provenance.json."""
-    width = max(6, len(str(job["n"] - 1)))
+    width = max(6, len(str(job.n - 1)))
     samples = _samples(chunk_paths)
     for shard, target in enumerate(targets):
-        start, stop = chunk_bounds(shard, job["shard_size"], job["n"])
+        start, stop = chunk_bounds(shard, job.shard_size, job.n)
         rows = ["file,shape,texture,background,seed,index"]
         with atomic_path(target) as tmp, tarfile.open(tmp, "w") as archive:
             for expected, (image, (shape, texture, background), index) in zip(range(start, stop), samples):
@@ -143,22 +142,21 @@ def _write_tars(targets: list[Path], chunk_paths: list[Path], job: dict) -> None
                     raise AssemblyError(f"chunks hold sample {index} where sample {expected} belongs")
                 name = f"images/{index:0{width}d}.png"
                 _add_bytes(archive, name, encode(image))
-                rows.append(f"{name},{shape},{texture},{background},{job['seed']},{index}")
+                rows.append(f"{name},{shape},{texture},{background},{job.seed},{index}")
             if len(rows) - 1 != stop - start:
-                raise AssemblyError(f"chunks hold {start + len(rows) - 1} samples, the job asked for {job['n']}")
+                raise AssemblyError(f"chunks hold {start + len(rows) - 1} samples, the job asked for {job.n}")
             _add_bytes(archive, "labels.csv", ("\n".join(rows) + "\n").encode())
             _add_bytes(archive, "provenance.json", _provenance_text(job, start, stop, shard).encode())
 
 
-def assemble(jobs_dir: Path, job: dict) -> list[Path]:
+def assemble(jobs_dir: Path, job: JobSpec) -> list[Path]:
     """The result files of a job whose chunks are all on disk: one npz, or the png job's tar shards."""
-    directory = job_dir(jobs_dir, job["id"])
-    paths = [chunk_path(directory, chunk) for chunk in range(job["chunks"])]
+    paths = [chunk_path(jobs_dir, job.id, chunk) for chunk in range(job.chunks)]
     missing = [path.name for path in paths if not path.is_file()]
     if missing:
         raise AssemblyError(f"chunk files missing: {', '.join(missing[:5])}")
-    targets = result_paths(jobs_dir, job["id"], job["format"], job["shards"])
-    if job["format"] == "npz":
+    targets = result_paths(jobs_dir, job.id, job.format, job.shards)
+    if job.format == "npz":
         with atomic_path(targets[0]) as tmp:
             _write_npz(tmp, paths, job)
     else:
@@ -166,48 +164,55 @@ def assemble(jobs_dir: Path, job: dict) -> list[Path]:
     return targets
 
 
-def run_chunk(client: redis.Redis, registry: ModelRegistry, settings: Settings, job: dict, chunk: int) -> None:
-    """Render chunk `chunk` of `job` unless the job has ended; the worker finishing the last chunk assembles."""
-    job_id = job["id"]
-    if client.hget(job_key(job_id), "state") not in ACTIVE_STATES:
-        return  # cancelled, failed, or a redelivered duplicate of an already finished job
-    client.eval(*transition_args(job_id, (QUEUED,), {"state": RUNNING, "started": now_iso()}))
+def load_spec(client: redis.Redis, job_id: str) -> JobSpec | None:
+    """The job's spec while the job is active; None once it has ended or is gone (cancelled, failed, expired)."""
+    state, spec = client.hmget(job_key(job_id), ["state", "spec"])
+    return JobSpec.from_json(spec) if state in ACTIVE_STATES and spec else None
+
+
+def run_chunk(client: redis.Redis, models: LoadedModels, settings: Settings, task: ChunkTask) -> None:
+    """Render one chunk unless its job has ended or the chunk is already on disk; the worker that finishes the
+    last chunk assembles the result."""
+    job = load_spec(client, task.job_id)
+    if job is None or client.sismember(job_chunks_key(job.id), task.chunk):
+        return  # ended, or a redelivered duplicate of a chunk already done
+    client.eval(*start_args(job.id))
     try:
-        model = registry.get(job["family"], job["version"], job["manifest_sha256"])
-        arrays = render_chunk_arrays(model, job, chunk, settings.batch_size)
-        write_chunk(chunk_path(job_dir(settings.jobs_dir, job_id), chunk), arrays)
-        pipe = client.pipeline()
-        pipe.sadd(job_chunks_key(job_id), chunk).scard(job_chunks_key(job_id))
-        pipe.hincrby(STATS_KEY, "images_generated", len(arrays["images"]))
-        pipe.hget(job_key(job_id), "state")
-        _, done, _, state = pipe.execute()
-        if state not in ACTIVE_STATES:
-            # Cancelled while this chunk rendered: whoever ended the job may have cleared the chunks before it landed.
-            discard_chunks(settings.jobs_dir, job_id)
-        elif done == job["chunks"]:
+        model = models.get(job.family, job.version, job.manifest_sha256)
+        arrays = render_chunk_arrays(model, job, task.chunk, settings.batch_size)
+        write_chunk(chunk_path(settings.jobs_dir, job.id, task.chunk), arrays)
+        done = client.eval(*chunk_done_args(job.id, task.chunk))
+        if done < 0:
+            # Ended while this chunk rendered: whoever ended the job may have cleared the chunks before it landed.
+            discard_chunks(settings.jobs_dir, job.id)
+            return
+        client.hincrby(STATS_KEY, "images_generated", len(arrays["images"]))
+        if done == job.chunks:
             _assemble_once(client, settings, job)
     except Exception as exc:
-        logger.exception("job %s chunk %d failed", job_id, chunk)
-        failed = {"state": FAILED, "error": f"{type(exc).__name__}: {exc}", "finished": now_iso()}
-        if client.eval(*transition_args(job_id, ACTIVE_STATES, failed)):
+        logger.exception("job %s chunk %d failed", job.id, task.chunk)
+        if client.eval(*end_args(job.id, FAILED, error=f"chunk {task.chunk}: {type(exc).__name__}: {exc}")):
             client.hincrby(STATS_KEY, "jobs_failed", 1)
-        discard_chunks(settings.jobs_dir, job_id)
+        discard_chunks(settings.jobs_dir, job.id)
 
 
-def _assemble_once(client: redis.Redis, settings: Settings, job: dict) -> None:
+def _assemble_once(client: redis.Redis, settings: Settings, job: JobSpec) -> None:
     # The lock expires with the visibility timeout: if this worker dies while assembling, its chunk task
     # comes back after that timeout and the redelivered task finds the lock free.
-    lock = client.lock(job_lock_key(job["id"]), timeout=settings.visibility_timeout_s, blocking=False)
+    lock = client.lock(job_lock_key(job.id), timeout=settings.visibility_timeout_s, blocking=False)
     if not lock.acquire():
         return
     try:
-        if client.hget(job_key(job["id"]), "state") not in ACTIVE_STATES:
+        if client.hget(job_key(job.id), "state") not in ACTIVE_STATES:
             return
         results = assemble(settings.jobs_dir, job)
-        finished = {"state": SUCCEEDED, "finished": now_iso(), "result_bytes": sum(p.stat().st_size for p in results)}
-        if client.eval(*transition_args(job["id"], ACTIVE_STATES, finished)):
+        size = sum(path.stat().st_size for path in results)
+        if client.eval(*end_args(job.id, SUCCEEDED, result_bytes=str(size))):
             client.hincrby(STATS_KEY, "jobs_succeeded", 1)
-            discard_chunks(settings.jobs_dir, job["id"])
+        else:  # cancelled while assembling: no result may appear for a cancelled job
+            for path in results:
+                path.unlink(missing_ok=True)
+        discard_chunks(settings.jobs_dir, job.id)
     finally:
         try:
             lock.release()

@@ -17,17 +17,18 @@ import time
 
 import redis
 
+from core.jobs import now_iso
+from core.messages import WORKER_PREFIX
 from core.settings import Settings
-from workers.engine import ModelRefused, ModelRegistry
-from workers.protocol import WORKER_PREFIX, now_iso
+from workers.engine import LoadedModels, ModelRefused
 
 logger = logging.getLogger(__name__)
 WATCH_INTERVAL_S = 1.0
 
 
 class WorkerPresence:
-    def __init__(self, registry: ModelRegistry, settings: Settings, name: str):
-        self.registry, self.settings, self.name = registry, settings, name
+    def __init__(self, models: LoadedModels, settings: Settings, name: str):
+        self.models, self.settings, self.name = models, settings, name
         self.key = f"{WORKER_PREFIX}{name}"
         self.ready = threading.Event()
         self._beat_now = threading.Event()  # set when the refusals change, so the gateway hears at once
@@ -39,11 +40,11 @@ class WorkerPresence:
         threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True).start()
 
     def _follow_latest(self) -> None:
-        for family, version in self.registry.latest_versions().items():
+        for family, version in self.models.latest_versions().items():
             if self._served.get(family) == version:
                 continue
             try:
-                self.registry.get(family, version)
+                self.models.get(family, version)
             except ModelRefused:
                 continue  # logged once by the check; retried each pass (cheaply) until its files check out
             except Exception:
@@ -53,12 +54,12 @@ class WorkerPresence:
     def _watch(self) -> None:
         while True:
             try:
-                self.registry.audit()
+                self.models.audit()
                 self._follow_latest()
-                if self.registry.refused() != self._announced_refusals:
+                if self.models.refused() != self._announced_refusals:
                     self._beat_now.set()
             except Exception:
-                logger.exception("scanning the model repository %s failed", self.registry.models_dir)
+                logger.exception("scanning the model repository %s failed", self.models.models_dir)
             self.ready.set()
             time.sleep(WATCH_INTERVAL_S)
 
@@ -67,8 +68,8 @@ class WorkerPresence:
         client = redis.Redis.from_url(self.settings.redis_url, socket_timeout=5, socket_connect_timeout=2)
         period = self.settings.heartbeat_ttl_s / 3
         while True:
-            beat = {"name": self.name, "pid": os.getpid(), "provider": self.registry.provider_in_use(),
-                    "loaded": self.registry.loaded(), "refused": self.registry.refused(), "updated": now_iso()}
+            beat = {"name": self.name, "pid": os.getpid(), "provider": self.models.provider_in_use(),
+                    "loaded": self.models.loaded(), "refused": self.models.refused(), "updated": now_iso()}
             try:
                 client.set(self.key, json.dumps(beat), px=int(self.settings.heartbeat_ttl_s * 1000))
                 self._announced_refusals = beat["refused"]

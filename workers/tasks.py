@@ -1,7 +1,8 @@
-"""Celery tasks: interactive renders answered through a Redis reply list, and dataset-job chunks.
+"""Celery tasks: batches of interactive requests answered through Redis reply lists, and dataset-job chunks.
 
 Models load after the worker starts (worker_process_init fires in the process that runs tasks, after any
-fork), in a background thread that also announces the worker once the sessions are warm.
+fork), in a background thread that also announces the worker once the sessions are warm. Messages are read
+through core.messages, which refuses (loudly) any message of another contract version.
 """
 from __future__ import annotations
 
@@ -13,14 +14,16 @@ import os
 import redis
 from celery import signals
 
+from core.messages import (
+    CHUNK_TASK, RENDER_TASK, STATS_KEY, ChunkTask, MessageSchemaError, RenderBatch, RenderReply, reply_key,
+)
 from workers.celery_app import app, settings
-from workers.engine import ModelRefused, ModelRegistry, render_request
+from workers.engine import LoadedModels, render_batch
 from workers.jobs import run_chunk
 from workers.presence import WorkerPresence
-from workers.protocol import CHUNK_TASK, RENDER_TASK, STATS_KEY, reply_key
 
 logger = logging.getLogger(__name__)
-registry = ModelRegistry(settings.models_dir, settings.models_loaded_max, settings.ort_threads)
+models = LoadedModels(settings.models_dir, settings.models_loaded_max, settings.ort_threads)
 _clients: dict[int, redis.Redis] = {}
 
 
@@ -36,27 +39,36 @@ def broker_client() -> redis.Redis:
 
 @signals.worker_process_init.connect
 def start_presence(sender=None, **_) -> None:
-    WorkerPresence(registry, settings, name=f"{sender}:{os.getpid()}").start()
+    WorkerPresence(models, settings, name=f"{sender}:{os.getpid()}").start()
 
 
-@app.task(name=RENDER_TASK, bind=True)
-def render(self, request: dict) -> None:
-    """Render an interactive request and push {"ok": payload} or {"error", "status"} to its reply list."""
-    try:
-        reply = {"ok": render_request(registry, request)}
-    except ModelRefused as exc:
-        reply = {"error": f"{exc}; the version is unavailable until its files are restored", "status": 503}
-    except Exception as exc:
-        logger.exception("render failed for %s/%s", request.get("family"), request.get("version"))
-        reply = {"error": f"the worker could not render this request: {type(exc).__name__}: {exc}", "status": 500}
-    key = reply_key(self.request.id)
+def send_replies(reply_to: list[str], replies: list[RenderReply]) -> None:
+    """Push each answer to its reply list (which expires if its caller has gone), and count the images made."""
     pipe = broker_client().pipeline()
-    pipe.rpush(key, json.dumps(reply)).expire(key, math.ceil(settings.sync_timeout_s) + 60)
-    if "ok" in reply:
-        pipe.hincrby(STATS_KEY, "images_generated", request["n"])
+    ttl = math.ceil(settings.sync_timeout_s) + 60
+    for target, reply in zip(reply_to, replies):
+        key = reply_key(target)
+        pipe.rpush(key, json.dumps(reply.to_dict())).expire(key, ttl)
+    rendered = sum(reply.payload["n"] for reply in replies if reply.payload is not None)
+    if rendered:
+        pipe.hincrby(STATS_KEY, "images_generated", rendered)
     pipe.execute()
 
 
+@app.task(name=RENDER_TASK)
+def render(message: dict) -> None:
+    """Render a batch of interactive requests, one onnxruntime call per model version, and answer each caller."""
+    try:
+        batch = RenderBatch.from_dict(message)
+    except MessageSchemaError as exc:
+        logger.error("refusing a render message: %s", exc)
+        reply_to = message.get("reply_to", []) if isinstance(message, dict) else []
+        send_replies(reply_to, [RenderReply.failure(500, f"the worker refused the request: {exc}")] * len(reply_to))
+        return
+    send_replies(batch.reply_to, render_batch(models, batch))
+
+
 @app.task(name=CHUNK_TASK)
-def render_chunk(job: dict, chunk: int) -> None:
-    run_chunk(broker_client(), registry, settings, job, chunk)
+def render_chunk(message: dict) -> None:
+    """Render one chunk of a dataset job (a message of another contract version raises, and is logged)."""
+    run_chunk(broker_client(), models, settings, ChunkTask.from_dict(message))

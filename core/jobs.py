@@ -1,0 +1,188 @@
+"""Dataset jobs as the gateway and the workers both see them: states, Redis keys, transitions and file layout.
+
+A job is stored once, as a Redis hash (`skdcgn:job:<id>`) holding its status fields and its `JobSpec` as JSON;
+chunk messages name only the job and the chunk. Every state change goes through one Lua script, so a job ends
+exactly once and a cancelled job never moves again; a chunk counts as done only while its job is active, so
+progress never rises after a cancel. Every Redis key lives under `skdcgn:` in the broker Redis (noeviction).
+Files live under the jobs directory the gateway shares with the workers: `<jobs_dir>/<id>/chunks/*.npz` while
+the job runs, then the result files.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
+STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
+ACTIVE_STATES = (QUEUED, RUNNING)
+ENDED_STATES = (SUCCEEDED, FAILED, CANCELLED)
+FORMATS = ("npz", "png")
+JOB_ID_PATTERN = re.compile(r"^[0-9a-f]{32}$")  # uuid4().hex
+PUBLIC_OWNER = "public"  # owner of the jobs submitted while no API keys are configured
+# Sorted set of ended jobs scored by when they ended (epoch seconds): the retention clock. Running jobs are never in it.
+JOBS_ENDED_KEY = "skdcgn:jobs:ended"
+
+# Sets fields of a job hash only if its state is one of the allowed ones, and files the job under JOBS_ENDED_KEY
+# when the move ends it; returns 1 when it did. KEYS[1] the job hash, KEYS[2] JOBS_ENDED_KEY; ARGV[1] the job id;
+# ARGV[2] the ended-at score ('' when the job goes on); ARGV[3] how many allowed states follow; then the states;
+# then field, value pairs.
+TRANSITION_SCRIPT = """
+local current = redis.call('HGET', KEYS[1], 'state')
+local allowed = tonumber(ARGV[3])
+for i = 4, allowed + 3 do
+  if current == ARGV[i] then
+    for j = allowed + 4, #ARGV, 2 do
+      redis.call('HSET', KEYS[1], ARGV[j], ARGV[j + 1])
+    end
+    if ARGV[2] ~= '' then
+      redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+    end
+    return 1
+  end
+end
+return 0
+"""
+# Records chunk ARGV[1] as done only while the job (KEYS[1]) is queued or running; returns how many chunks are
+# done, or -1 when the job has ended (the chunk's file is then discarded, and progress stays where it was).
+CHUNK_DONE_SCRIPT = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if state ~= 'queued' and state ~= 'running' then
+  return -1
+end
+redis.call('SADD', KEYS[2], ARGV[1])
+return redis.call('SCARD', KEYS[2])
+"""
+
+
+def now_iso() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
+
+
+def job_key(job_id: str) -> str:
+    return f"skdcgn:job:{job_id}"
+
+
+def jobs_index_key(owner: str) -> str:
+    """One owner's jobs, scored by creation time (epoch ms): GET /jobs pages through it, newest first."""
+    return f"skdcgn:jobs:owner:{owner}"
+
+
+def job_chunks_key(job_id: str) -> str:
+    """The set of chunk indices whose output is on disk: progress, and the trigger for assembly."""
+    return f"skdcgn:job:{job_id}:chunks"
+
+
+def job_lock_key(job_id: str) -> str:
+    return f"skdcgn:job:{job_id}:assemble"
+
+
+def owner_of(api_key: str | None) -> str:
+    """Jobs are filed under a hash of the API key that submitted them, never the key itself."""
+    return hashlib.sha256(api_key.encode()).hexdigest() if api_key else PUBLIC_OWNER
+
+
+def transition_args(job_id: str, allowed: tuple[str, ...], fields: dict[str, str]) -> tuple:
+    """Arguments for `client.eval(*args)` (sync or asyncio client) running TRANSITION_SCRIPT."""
+    pairs = [item for name, value in fields.items() for item in (name, str(value))]
+    ended = repr(time.time()) if fields.get("state") in ENDED_STATES else ""
+    return (TRANSITION_SCRIPT, 2, job_key(job_id), JOBS_ENDED_KEY, job_id, ended, len(allowed), *allowed, *pairs)
+
+
+def start_args(job_id: str) -> tuple:
+    """queued → running, stamped."""
+    return transition_args(job_id, (QUEUED,), {"state": RUNNING, "started": now_iso()})
+
+
+def end_args(job_id: str, state: str, **fields: str) -> tuple:
+    """An active job → `state` (succeeded, failed or cancelled), stamped; a job that has ended stays as it is."""
+    return transition_args(job_id, ACTIVE_STATES, {"state": state, "finished": now_iso(), **fields})
+
+
+def chunk_done_args(job_id: str, chunk: int) -> tuple:
+    """Arguments for `client.eval(*args)` running CHUNK_DONE_SCRIPT."""
+    return (CHUNK_DONE_SCRIPT, 2, job_key(job_id), job_chunks_key(job_id), chunk)
+
+
+def chunk_count(total: int, chunk_size: int) -> int:
+    return -(-total // chunk_size)
+
+
+def chunk_bounds(chunk: int, chunk_size: int, total: int) -> tuple[int, int]:
+    start = chunk * chunk_size
+    return start, min(start + chunk_size, total)
+
+
+def done_samples(done_chunks: int, last_chunk_done: bool, chunk_size: int, total: int) -> int:
+    """Samples on disk, from the count of finished chunks and whether the (shorter) last one is among them."""
+    if not done_chunks:
+        return 0
+    last_size = total - (chunk_count(total, chunk_size) - 1) * chunk_size
+    return (done_chunks - 1) * chunk_size + (last_size if last_chunk_done else chunk_size)
+
+
+def shard_count(fmt: str, total: int, shard_size: int) -> int:
+    """An npz result is one file; a png result is a tar per `shard_size` samples."""
+    return 1 if fmt == "npz" else chunk_count(total, shard_size)
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """Everything a worker needs to render any chunk of a job; stored once, in the job's record."""
+
+    id: str
+    family: str
+    version: str
+    manifest_sha256: str
+    n: int
+    chunk_size: int
+    chunks: int
+    shard_size: int
+    shards: int
+    seed: int
+    counterfactuals_per_shape: int
+    labels: dict[str, list[int]]  # mechanism -> the labels a sample may draw
+    mask: dict[str, float]  # core.compose.MaskModifiers as a dict
+    format: str
+    created: str
+    request: dict  # the request as accepted (labels deduplicated, model, version and seed filled in)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> "JobSpec":
+        return cls(**json.loads(text))
+
+
+def job_dir(jobs_dir: Path, job_id: str) -> Path:
+    """A job's folder under the jobs directory; the id is checked first so no path can escape it."""
+    if not JOB_ID_PATTERN.match(job_id):
+        raise ValueError(f"invalid job id {job_id!r}: job ids are 32 lowercase hex digits")
+    return Path(jobs_dir) / job_id
+
+
+def chunk_path(jobs_dir: Path, job_id: str, chunk: int) -> Path:
+    return job_dir(jobs_dir, job_id) / "chunks" / f"{chunk:06d}.npz"
+
+
+def result_paths(jobs_dir: Path, job_id: str, fmt: str, shards: int) -> list[Path]:
+    directory = job_dir(jobs_dir, job_id)
+    if fmt == "npz":
+        return [directory / "result.npz"]
+    return [directory / f"result-{shard:05d}.tar" for shard in range(shards)]
+
+
+def discard_chunks(jobs_dir: Path, job_id: str) -> None:
+    """Remove a job's chunk files (assembled, cancelled or failed: nobody reads them again)."""
+    shutil.rmtree(job_dir(jobs_dir, job_id) / "chunks", ignore_errors=True)
+
+
+def discard_job_files(jobs_dir: Path, job_id: str) -> None:
+    """Remove everything a job wrote: its chunks and its results."""
+    shutil.rmtree(job_dir(jobs_dir, job_id), ignore_errors=True)

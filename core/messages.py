@@ -1,0 +1,156 @@
+"""The wire contract between the gateway and the workers: queues, task names, Redis keys and typed messages.
+
+Both sides import this module and neither imports the other. Every message carries `schema`, the version of
+this contract; a worker that receives a message of another version refuses it loudly (an error reply and a log
+line naming both versions) instead of guessing at fields, so a gateway and workers of different releases never
+render something other than what was asked.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Literal, Optional
+
+MESSAGE_SCHEMA = 2
+
+INTERACTIVE_QUEUE = "interactive"
+JOBS_QUEUE = "jobs"
+QUEUES = (INTERACTIVE_QUEUE, JOBS_QUEUE)
+RENDER_TASK = "workers.tasks.render"
+CHUNK_TASK = "workers.tasks.render_chunk"
+
+CACHE_PREFIX = "skdcgn:cache:"
+WORKER_PREFIX = "skdcgn:worker:"
+STATS_KEY = "skdcgn:stats"
+
+RenderKind = Literal["counterfactual", "mechanism"]
+
+
+class MessageSchemaError(ValueError):
+    """A message of another contract version, or one missing fields: refused, never guessed at."""
+
+
+def reply_key(reply_to: str) -> str:
+    """The list a worker pushes an interactive request's answer to; the gateway waits on it with BLPOP."""
+    return f"skdcgn:reply:{reply_to}"
+
+
+def _check_schema(kind: str, message: dict) -> dict:
+    if not isinstance(message, dict) or message.get("schema") != MESSAGE_SCHEMA:
+        found = message.get("schema") if isinstance(message, dict) else type(message).__name__
+        raise MessageSchemaError(f"{kind} message has contract version {found!r}, this side speaks {MESSAGE_SCHEMA}: "
+                                 "run the gateway and the workers from the same release")
+    return {key: value for key, value in message.items() if key != "schema"}
+
+
+def _build(cls, kind: str, message: dict):
+    body = _check_schema(kind, message)
+    names = {item.name for item in fields(cls)}
+    unknown, missing = set(body) - names, {item.name for item in fields(cls) if item.name not in body}
+    if unknown or missing:
+        raise MessageSchemaError(f"{kind} message does not match contract version {MESSAGE_SCHEMA}: "
+                                 f"unknown fields {sorted(unknown)}, missing fields {sorted(missing)}")
+    return cls(**body)
+
+
+@dataclass(frozen=True)
+class RenderRequest:
+    """One interactive request, resolved to a model version by the gateway.
+
+    `labels` maps each rendered mechanism to its label (all three for a counterfactual, one for a mechanism);
+    `z` optionally maps mechanisms to n explicit noise vectors; `mask` is a core.compose.MaskModifiers dict.
+    """
+
+    kind: RenderKind
+    family: str
+    version: str
+    manifest_sha256: str
+    labels: dict[str, int]
+    n: int
+    seed: int
+    mask: dict[str, float] = field(default_factory=dict)
+    z: Optional[dict[str, list[list[float]]]] = None
+    return_components: bool = False
+    return_noise: bool = False
+
+    def to_dict(self) -> dict:
+        return {"schema": MESSAGE_SCHEMA, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, message: dict) -> "RenderRequest":
+        return _build(cls, "render request", message)
+
+    @property
+    def mechanism(self) -> str:
+        """The mechanism a `mechanism` request renders."""
+        (name,) = self.labels
+        return name
+
+    def cache_key(self) -> str:
+        """Every input that determines the output, the model version and its manifest hash included."""
+        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return CACHE_PREFIX + hashlib.sha256(canonical.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class RenderBatch:
+    """Interactive requests rendered by one task; each answer goes to the reply list named by its `reply_to`."""
+
+    requests: list[RenderRequest]
+    reply_to: list[str]
+
+    def to_dict(self) -> dict:
+        return {"schema": MESSAGE_SCHEMA, "requests": [r.to_dict() for r in self.requests], "reply_to": self.reply_to}
+
+    @classmethod
+    def from_dict(cls, message: dict) -> "RenderBatch":
+        body = _check_schema("render batch", message)
+        try:
+            requests = [RenderRequest.from_dict(item) for item in body["requests"]]
+            reply_to = list(body["reply_to"])
+        except (KeyError, TypeError) as exc:
+            raise MessageSchemaError(f"render batch message is malformed: {exc!r}") from exc
+        if len(requests) != len(reply_to):
+            raise MessageSchemaError("render batch message has a reply list per request: counts differ")
+        return cls(requests, reply_to)
+
+
+@dataclass(frozen=True)
+class RenderReply:
+    """A worker's answer to one request: the payload, or an error with the HTTP status the gateway returns."""
+
+    payload: Optional[dict[str, Any]] = None
+    error: Optional[str] = None
+    status: int = 200
+
+    def to_dict(self) -> dict:
+        return {"schema": MESSAGE_SCHEMA, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, message: dict) -> "RenderReply":
+        return _build(cls, "render reply", message)
+
+    @classmethod
+    def failure(cls, status: int, error: str) -> "RenderReply":
+        return cls(error=error, status=status)
+
+
+@dataclass(frozen=True)
+class ChunkTask:
+    """Render chunk `chunk` of job `job_id`: the job's spec is stored once, in its record, not in each message."""
+
+    job_id: str
+    chunk: int
+
+    def to_dict(self) -> dict:
+        return {"schema": MESSAGE_SCHEMA, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, message: dict) -> "ChunkTask":
+        return _build(cls, "chunk task", message)
+
+    @property
+    def task_id(self) -> str:
+        """Deterministic, so cancelling can revoke every chunk without storing their ids."""
+        return f"{self.job_id}-{self.chunk:06d}"
