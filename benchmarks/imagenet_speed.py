@@ -2,17 +2,19 @@
 
 Parameters, MACs per image and images/s per mechanism and for one counterfactual (noise, the three
 mechanisms, composition with core.compose, uint8), in PyTorch on CPU (plus CUDA when present) and through
-onnxruntime on CPU: the students' served graphs, and the teacher exported to three parity-checked graphs so
-the headline ratio compares one engine with itself. Speed does not depend on the weights, so the
-teacher is randomly initialised unless --teacher-path names a cgn.pth, and the students are the
-TinyGAN-256 preset with random weights, exported to a temporary folder, unless --model-dir names an
-exported version.
+onnxruntime on CPU: the students' served graphs through core.runtime.ModelRuntime (as the workers run them:
+per mechanism `run`, a counterfactual through `run_all`, i.e. the fused graph), and the teacher exported to
+three parity-checked graphs (core.runtime.open_session) so the headline ratio compares one engine with
+itself. Speed does not depend on the weights, so the teacher is randomly initialised unless --teacher-path
+names a cgn.pth, and the students are the TinyGAN-256 preset with random weights, exported with a manifest
+to a temporary folder, unless --model-dir names an exported version.
 
     python -m benchmarks.imagenet_speed [--batch 1] [--reps 3] [--teacher-path cgn.pth] [--model-dir DIR]
 """
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import os
 import platform
 import sys
@@ -22,12 +24,13 @@ from pathlib import Path
 import torch
 
 from benchmarks.models import (
-    TeacherMechanism, attempt, cost, counterfactual_ms, export_teacher, fused_runner, images_per_second, inputs,
-    sessions_runner, torch_runner,
+    TeacherGraphs, TeacherMechanism, attempt, cost, counterfactual_ms, export_teacher, images_per_second, inputs,
+    torch_runner,
 )
-from core.manifest import load_manifest
+from core.hashing import sha256_file
+from core.manifest import SCHEMA_VERSION, load_manifest, write_manifest
 from core.noise import MECHANISMS, NoiseSpec
-from core.onnx_session import session_options
+from core.runtime import CPU, ModelRuntime
 from training.evaluation import report
 from training.export import export_students
 from training.students import StudentConfig, TinyGenerator
@@ -42,19 +45,24 @@ def parameters(*modules: torch.nn.Module) -> int:
     return sum(p.numel() for module in modules for p in module.parameters())
 
 
-def students_from(model_dir: Path | None, out_dir: Path) -> tuple[dict[str, torch.nn.Module], Path, dict]:
-    """PyTorch students of the version's config (the TinyGAN-256 preset by default), the folder of their
-    ONNX graphs and the manifest blocks naming them."""
+def students_from(model_dir: Path | None, out_dir: Path) -> tuple[dict[str, torch.nn.Module], Path]:
+    """PyTorch students of the version's config (the TinyGAN-256 preset by default) and the version folder
+    of their ONNX graphs: `model_dir`, or the preset exported to `out_dir` with a manifest of its own."""
     manifest = load_manifest(model_dir) if model_dir is not None else None
-    if manifest is not None:
-        config = StudentConfig(**manifest["training"]["student"])
-    else:
-        config = cgn.student_config()
+    config = StudentConfig(**manifest["training"]["student"]) if manifest is not None else cgn.student_config()
     torch.manual_seed(0)
     modules = {m: TinyGenerator(config, m).eval() for m in MECHANISMS}
-    if manifest is None:
-        return modules, out_dir, export_students(modules, out_dir)
-    return modules, model_dir, manifest
+    if manifest is not None:
+        return modules, model_dir
+    blocks = export_students(modules, out_dir)
+    write_manifest(out_dir, {
+        "schema_version": SCHEMA_VERSION, "family": "imagenet", "version": "benchmark",
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "teacher": {"name": "imagenet"}, "image_size": cgn.IMAGE_SIZE, "noise": NOISE.to_manifest(),
+        "texture_shuffle": False, "labels": {"count": 1000}, **blocks, "training": {"student": config.to_dict()},
+        "files": {path.name: sha256_file(path) for path in sorted(out_dir.iterdir()) if path.is_file()},
+    })
+    return modules, out_dir
 
 
 def torch_speeds(modules: dict, batch: int, device: str, reps: int) -> dict[str, float | str]:
@@ -76,18 +84,13 @@ def torch_speeds(modules: dict, batch: int, device: str, reps: int) -> dict[str,
     return speeds
 
 
-def onnx_speeds(paths: dict[str, Path], fused_path: Path | None, batch: int, reps: int) -> dict[str, float | str]:
-    """images/s per mechanism graph at `batch`, and one counterfactual at batch 1 (fused graph when given)."""
-    import onnxruntime as ort
-
-    options = session_options(0)
+def onnx_speeds(graphs: ModelRuntime | TeacherGraphs, batch: int, reps: int) -> dict[str, float | str]:
+    """images/s per mechanism graph (`run`) at `batch`, and one counterfactual at batch 1 (`run_all`: the
+    fused graph when there is one, three sessions otherwise)."""
     z, y = inputs(batch, NOISE)
-    sessions = {m: ort.InferenceSession(str(paths[m]), options, providers=["CPUExecutionProvider"]) for m in MECHANISMS}
-    speeds = {m: attempt(lambda s=sessions[m]: images_per_second(lambda: s.run(None, {"z": z, "y": y}), batch, 0.0, reps))
+    speeds = {m: attempt(lambda m=m: images_per_second(lambda: graphs.run(m, z, y), batch, 0.0, reps))
               for m in MECHANISMS}
-    runner = (fused_runner(ort.InferenceSession(str(fused_path), options, providers=["CPUExecutionProvider"]))
-              if fused_path else sessions_runner(sessions))
-    ms = counterfactual_ms(runner, NOISE, cgn.IMAGE_SIZE, False, 0.0)
+    ms = counterfactual_ms(graphs.run_all, NOISE, cgn.IMAGE_SIZE, False, 0.0)
     speeds[COUNTERFACTUAL] = 1000.0 / ms if isinstance(ms, float) else ms
     return speeds
 
@@ -107,7 +110,7 @@ def run(args: argparse.Namespace) -> dict:
     }
     with tempfile.TemporaryDirectory() as tmp:
         print("exporting the students ...", file=sys.stderr)
-        student_mods, model_dir, blocks = students_from(Path(args.model_dir) if args.model_dir else None, Path(tmp))
+        student_mods, model_dir = students_from(Path(args.model_dir) if args.model_dir else None, Path(tmp))
         result["student_weights"] = (f"ONNX of {args.model_dir}, PyTorch rows its config with random weights"
                                      if args.model_dir else "random TinyGAN-256 preset (timing only)")
         used = {"teacher": {m: [getattr(teacher, part) for part in TEACHER_PARTS[m]] for m in MECHANISMS},
@@ -121,13 +124,14 @@ def run(args: argparse.Namespace) -> dict:
             result["cost"][name] = per
         speeds = result["images_per_second"]
         print("timing the students with onnxruntime on cpu ...", file=sys.stderr)
-        student_paths = {m: model_dir / blocks["mechanisms"][m]["file"] for m in MECHANISMS}
-        speeds["student/onnxruntime-cpu"] = onnx_speeds(student_paths, model_dir / blocks["fused"]["file"],
-                                                        args.batch, args.reps)
+        students = ModelRuntime(model_dir, providers=[CPU])
+        speeds["student/onnxruntime-cpu"] = onnx_speeds(students, args.batch, args.reps)
+        del students
         print("exporting the teacher to onnx (three graphs, parity-checked) ...", file=sys.stderr)
         teacher_paths = export_teacher(teacher_mods, Path(tmp), NOISE, batch=2, fused=False)
         print("timing the teacher with onnxruntime on cpu ...", file=sys.stderr)
-        speeds["teacher/onnxruntime-cpu"] = onnx_speeds(teacher_paths, None, args.batch, args.reps)
+        speeds["teacher/onnxruntime-cpu"] = onnx_speeds(TeacherGraphs(teacher_paths, providers=[CPU]),
+                                                        args.batch, args.reps)
     for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
         for name, modules in (("student", student_mods), ("teacher", teacher_mods)):
             print(f"timing the {name} with PyTorch on {device} ...", file=sys.stderr)

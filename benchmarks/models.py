@@ -1,11 +1,13 @@
 """Teacher vs students: parameters, MACs per image, and images/s at batch 1, 64 and 256.
 
-Engines: the teacher in PyTorch and exported to ONNX (one fused graph and three per-mechanism graphs),
-the shipped students through onnxruntime (per mechanism, three sessions, fused), and the students in
-PyTorch, rebuilt from the manifest's `training.student` config with the weights of the distillation run
-in runs/<family>/<version>/ when present (random weights otherwise: same cost, so the timing holds).
-CUDA is timed too when present. One-counterfactual latency covers noise drawing, the three mechanisms,
-composition and uint8 conversion.
+Engines: the teacher in PyTorch and exported to ONNX (one fused graph and three per-mechanism graphs,
+opened with core.runtime.open_session), the shipped students through core.runtime.ModelRuntime exactly as
+the workers run them (per mechanism: `run`; "three_sessions": `run_separately`; "fused": `run_fused`), and
+the students in PyTorch, rebuilt from the manifest's `training.student` config with the weights of the
+distillation run in <runs-dir>/<family>/<version>/ when present (random weights otherwise: same cost, so
+the timing holds). CUDA is timed too when present. One-counterfactual latency covers noise drawing, the
+three mechanisms, composition and uint8 conversion. Default folders come from core.settings.Paths
+($SKDCGN_MODELS_DIR, $SKDCGN_RUNS_DIR, $SKDCGN_SHARED).
 
     python -m benchmarks.models --family double_colored_mnist [--models-dir models] [--min-seconds 1]
 """
@@ -27,16 +29,15 @@ from torch import nn
 from core.compose import compose_samples
 from core.imageio import to_uint8
 from core.noise import MECHANISMS, NoiseSpec, draw_sample_noise
-from core.onnx_session import session_options
+from core.runtime import CPU, CUDA, ModelRuntime, execution_providers, open_session
+from core.settings import Paths
 from training.evaluation import report
-from training.evaluation.sources import OnnxStudents, load_students, teacher_for_family
+from training.evaluation.sources import teacher_for_family
 from training.plots import save_figure
 from training.export import FusedStudents, _export, _parity
 from training.students import StudentConfig, TinyGenerator
 from training.teachers import load_teacher
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("SKDCGN_SHARED", REPO.parent / "shared"))
 BATCHES = (1, 64, 256)  # the defaults of --batches
 TARGET_SPEEDUP = 1.5
 OUTPUT_NAMES = {"shape": "mask", "texture": "texture", "background": "background"}
@@ -108,13 +109,14 @@ def torch_steps(modules: dict[str, nn.Module], batch: int, noise: NoiseSpec, dev
     return {m: run([m]) for m in MECHANISMS} | {"all": run(list(MECHANISMS))}
 
 
-def onnx_steps(sessions: dict, fused, batch: int, noise: NoiseSpec) -> dict[str, Callable]:
-    """Per-mechanism sessions, the three sessions in sequence ("three_sessions") and the fused graph."""
+def onnx_steps(graphs: ModelRuntime | TeacherGraphs, batch: int, noise: NoiseSpec) -> dict[str, Callable]:
+    """Per-mechanism sessions (`run`), the three in sequence ("three_sessions": `run_separately`) and the fused
+    graph ("fused": `run_fused`)."""
     z, y = inputs(batch, noise)
-    steps = {m: (lambda s=sessions[m]: s.run(None, {"z": z, "y": y})) for m in MECHANISMS}
-    steps["three_sessions"] = lambda: [sessions[m].run(None, {"z": z, "y": y}) for m in MECHANISMS]
-    feeds = {f"z_{m}": z for m in MECHANISMS} | {f"y_{m}": y for m in MECHANISMS}
-    steps["fused"] = lambda: fused.run(None, feeds)
+    zs, ys = {m: z for m in MECHANISMS}, {m: y for m in MECHANISMS}
+    steps = {m: (lambda m=m: graphs.run(m, z, y)) for m in MECHANISMS}
+    steps["three_sessions"] = lambda: graphs.run_separately(zs, ys)
+    steps["fused"] = lambda: graphs.run_fused(zs, ys)
     return steps
 
 
@@ -141,15 +143,37 @@ def export_teacher(modules: dict[str, nn.Module], out_dir: Path, noise: NoiseSpe
     return paths
 
 
-def onnx_sessions(paths: dict[str, Path], providers: list[str], threads: int) -> tuple[dict, object]:
-    import onnxruntime as ort
+class TeacherGraphs:
+    """The teacher's graphs from export_teacher, run with ModelRuntime's calls so both sides are timed alike.
 
-    options = session_options(threads)
-    sessions = {m: ort.InferenceSession(str(paths[m]), options, providers=providers) for m in MECHANISMS}
-    return sessions, ort.InferenceSession(str(paths["fused"]), options, providers=providers)
+    They have no manifest: the input and output names are the ones export_teacher gives them. Sessions come
+    from core.runtime.open_session (the project's session options).
+    """
+
+    def __init__(self, paths: dict[str, Path], threads: int = 0, providers: list[str] | None = None):
+        self.sessions = {m: open_session(paths[m], threads, providers) for m in MECHANISMS}
+        self.fused = open_session(paths["fused"], threads, providers) if "fused" in paths else None
+
+    def run(self, mechanism: str, z: np.ndarray, y: np.ndarray) -> np.ndarray:
+        feeds = {"z": np.ascontiguousarray(z, np.float32), "y": np.ascontiguousarray(y, np.int64)}
+        return self.sessions[mechanism].run([OUTPUT_NAMES[mechanism]], feeds)[0]
+
+    def run_separately(self, z: dict[str, np.ndarray], y: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {m: self.run(m, z[m], y[m]) for m in MECHANISMS}
+
+    def run_fused(self, z: dict[str, np.ndarray], y: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        feeds = {}
+        for m in MECHANISMS:
+            feeds[f"z_{m}"] = np.ascontiguousarray(z[m], np.float32)
+            feeds[f"y_{m}"] = np.ascontiguousarray(y[m], np.int64)
+        return dict(zip(MECHANISMS, self.fused.run([OUTPUT_NAMES[m] for m in MECHANISMS], feeds)))
+
+    def run_all(self, z: dict[str, np.ndarray], y: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The fused graph when exported (large teachers skip it), three sessions otherwise."""
+        return self.run_fused(z, y) if self.fused is not None else self.run_separately(z, y)
 
 
-def student_modules(students: OnnxStudents, runs_dir: Path) -> tuple[dict[str, nn.Module], str]:
+def student_modules(students: ModelRuntime, runs_dir: Path) -> tuple[dict[str, nn.Module], str]:
     """TinyGenerators from the manifest's config; trained weights from the run's checkpoints when present."""
     config = StudentConfig(**students.manifest["training"]["student"])
     modules, sources = {}, set()
@@ -189,20 +213,6 @@ def counterfactual_ms(run_all: Callable[[dict, dict], dict], noise: NoiseSpec, i
     return attempt(lambda: 1000.0 / images_per_second(step, 1, min_seconds))
 
 
-def fused_runner(session) -> Callable[[dict, dict], dict]:
-    def run_all(z: dict, y: dict) -> dict:
-        feeds = {f"z_{m}": z[m] for m in MECHANISMS} | {f"y_{m}": y[m] for m in MECHANISMS}
-        return dict(zip(MECHANISMS, session.run(list(OUTPUT_NAMES.values()), feeds)))
-    return run_all
-
-
-def sessions_runner(sessions: dict) -> Callable[[dict, dict], dict]:
-    """One counterfactual's mechanisms through three per-mechanism sessions (for teachers without a fused graph)."""
-    def run_all(z: dict, y: dict) -> dict:
-        return {m: sessions[m].run(None, {"z": z[m], "y": y[m]})[0] for m in MECHANISMS}
-    return run_all
-
-
 def torch_runner(modules: dict[str, nn.Module], device: str) -> Callable[[dict, dict], dict]:
     def run_all(z: dict, y: dict) -> dict:
         with torch.no_grad():
@@ -221,10 +231,9 @@ def measure(steps_for_batch: Callable[[int], dict[str, Callable]], batches, min_
 
 
 def run(args: argparse.Namespace) -> dict:
-    students = load_students(args.models_dir, args.family, args.version, args.threads)
-    noise = NoiseSpec.from_manifest(students.manifest["noise"])
-    shuffle = bool(students.manifest["texture_shuffle"])
-    size = int(students.manifest["image_size"])
+    students = ModelRuntime.from_repository(args.models_dir, args.family, args.version, threads=args.threads,
+                                            providers=[CPU])
+    noise, shuffle, size = students.noise, students.texture_shuffle, students.image_size
     teacher = load_teacher(teacher_for_family(args.family), args.teacher_path)
     teacher_mods = {m: TeacherMechanism(teacher, m).eval() for m in MECHANISMS}
     student_mods, weights = student_modules(students, Path(args.runs_dir))
@@ -242,25 +251,21 @@ def run(args: argparse.Namespace) -> dict:
         "images_per_second": {},
         "counterfactual_ms": {},
     }
-    import onnxruntime as ort
-
-    ort_devices = [("cpu", ["CPUExecutionProvider"])]
-    if "CUDAExecutionProvider" in ort.get_available_providers():
-        ort_devices.append(("cuda", ["CUDAExecutionProvider", "CPUExecutionProvider"]))
-    manifest = students.manifest
-    student_paths = {m: students.directory / block["file"] for m, block in manifest["mechanisms"].items()}
-    student_paths["fused"] = students.directory / manifest["fused"]["file"]
+    ort_devices = [("cpu", [CPU])] + ([("cuda", [CUDA, CPU])] if CUDA in execution_providers() else [])
     timings, latency = result["images_per_second"], result["counterfactual_ms"]
     with tempfile.TemporaryDirectory() as tmp:
         teacher_paths = export_teacher(teacher_mods, Path(tmp), noise)
         for device, providers in ort_devices:
-            for name, paths in (("teacher", teacher_paths), ("student", student_paths)):
+            # The students were verified once above: on another device, the same files with its providers.
+            student = students if device == "cpu" else ModelRuntime(
+                students.directory, threads=args.threads, providers=providers, verify=False)
+            for name, graphs in (("teacher", TeacherGraphs(teacher_paths, args.threads, providers)),
+                                 ("student", student)):
                 print(f"timing {name} with onnxruntime on {device} ...", file=sys.stderr)
-                sessions, fused = onnx_sessions(paths, providers, args.threads)
                 timings[f"{name}/onnxruntime-{device}"] = measure(
-                    lambda b: onnx_steps(sessions, fused, b, noise), args.batches, args.min_seconds)
+                    lambda b: onnx_steps(graphs, b, noise), args.batches, args.min_seconds)
                 latency[f"{name}/onnxruntime-{device}-fused"] = counterfactual_ms(
-                    fused_runner(fused), noise, size, shuffle, args.min_seconds)
+                    graphs.run_fused, noise, size, shuffle, args.min_seconds)
     for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
         for name, modules in (("teacher", teacher_mods), ("student", student_mods)):
             print(f"timing {name} with PyTorch on {device} ...", file=sys.stderr)
@@ -363,12 +368,13 @@ def plot(result: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    paths = Paths.from_env()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--family", default="double_colored_mnist")
-    parser.add_argument("--models-dir", default="models")
+    parser.add_argument("--models-dir", default=str(paths.models_dir))
     parser.add_argument("--version", help="default: the family's LATEST")
-    parser.add_argument("--teacher-path", default=str(SHARED / "teachers" / "cgn_mnist"))
-    parser.add_argument("--runs-dir", default=os.environ.get("SKDCGN_RUNS_DIR", "runs"))
+    parser.add_argument("--teacher-path", default=str(paths.shared_dir / "teachers" / "cgn_mnist"))
+    parser.add_argument("--runs-dir", default=str(paths.runs_dir))
     parser.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: onnxruntime decides)")
     parser.add_argument("--min-seconds", type=float, default=1.0, help="time each measurement at least this long")
     parser.add_argument("--batches", default=",".join(map(str, BATCHES)))

@@ -1,30 +1,18 @@
-"""Fixtures of the service tests: a private copy of the model repository and the shared server stack.
+"""Shared fixtures: private model repositories (a copy of the trained one, or tiny untrained students), the
+shared service stack, and torch's thread count restored after a CLI changed it.
 
-The stacks are real processes (see tests/service_stack.py) started once per session or module.
+The stacks are real processes (see tests/service_stack.py) started once per session or module. Plain helpers
+live in tests/paths.py, tests/model_helpers.py and tests/service_helpers.py; no test module imports another.
 """
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 import httpx
 import pytest
 
-from core.manifest import ManifestError, latest_version
-from tests.service_helpers import FAMILY, REPO
+from tests.model_helpers import copy_models, tiny_model_repo
 from tests.service_stack import ServiceStack
-
-MODELS_SOURCE = Path(os.environ.get("SKDCGN_MODELS_DIR", REPO / "models"))
-
-
-def copy_models(target: Path) -> Path:
-    try:
-        latest_version(MODELS_SOURCE, FAMILY)
-    except ManifestError as exc:
-        pytest.fail(f"the service tests need a trained {FAMILY} in {MODELS_SOURCE} (or SKDCGN_MODELS_DIR): {exc}")
-    shutil.copytree(MODELS_SOURCE, target)
-    return target
 
 
 @pytest.fixture(scope="session")
@@ -48,3 +36,19 @@ def stack(tmp_path_factory, models_dir):
 def client(stack):
     with httpx.Client(base_url=stack.url, timeout=30) as http:
         yield http
+
+
+@pytest.fixture
+def tiny_models(tmp_path) -> Path:
+    """A model repository holding untrained narrow students of model_helpers.FAMILY, version `tiny` (LATEST)."""
+    return tiny_model_repo(tmp_path / "models")
+
+
+@pytest.fixture
+def restore_torch_threads():
+    """The CLIs' --threads set torch's global thread count (1 keeps tiny runs fast on a busy CPU): undo it."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)

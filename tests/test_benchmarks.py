@@ -1,5 +1,5 @@
-"""Benchmark mechanics: MAC counting with known answers, the teacher's ONNX export, the model benchmark end to
-end on tiny students, and the serving load generator (against a stub app, then against the real service).
+"""Benchmark mechanics: MAC counting with known answers, the teacher's ONNX export, the ONNX variants timed as
+ModelRuntime's own calls, the model benchmark end to end on tiny students, and the serving load generator (against a stub app, then against the real service).
 Nothing here asserts a speed."""
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ from torch import nn
 from benchmarks import models as model_bench
 from benchmarks import serving
 from core.noise import MECHANISMS, NoiseSpec
+from tests.model_helpers import FAMILY
 from tests.paths import SHARED, needs_shared
-from tests.test_evaluate import FAMILY, restore_torch_threads, tiny_model_repo  # noqa: F401 - a fixture
 from training.teachers import load_teacher
 
 
@@ -58,18 +58,43 @@ def test_teacher_cost_and_onnx_exports_take_any_batch(tmp_path):
     assert shape["macs_per_image"] == 42 * 4096 + 16 * 16 * 32 * 64 * 9 + 32 * 32 * 32 * 9
     assert shape["parameters"] == 100 + sum(p.numel() for p in teacher.f_shape.parameters())
     paths = model_bench.export_teacher(modules, tmp_path, NoiseSpec(dim=32))
-    sessions, fused = model_bench.onnx_sessions(paths, ["CPUExecutionProvider"], 1)
+    graphs = model_bench.TeacherGraphs(paths, threads=1, providers=["CPUExecutionProvider"])
     z3, y3 = model_bench.inputs(3, NoiseSpec(dim=32))
-    outputs = model_bench.fused_runner(fused)({m: z3 for m in MECHANISMS}, {m: y3 for m in MECHANISMS})
+    outputs = graphs.run_fused({m: z3 for m in MECHANISMS}, {m: y3 for m in MECHANISMS})
     assert outputs["shape"].shape == (3, 1, 32, 32) and outputs["background"].shape == (3, 3, 32, 32)
     with torch.no_grad():
         expected = modules["texture"](torch.from_numpy(z3), torch.from_numpy(y3)).numpy()
-    np.testing.assert_allclose(sessions["texture"].run(None, {"z": z3, "y": y3})[0], expected, atol=1e-4)
+    np.testing.assert_allclose(graphs.run("texture", z3, y3), expected, atol=1e-4)
+    separately = graphs.run_separately({m: z3 for m in MECHANISMS}, {m: y3 for m in MECHANISMS})
+    for m in MECHANISMS:
+        np.testing.assert_allclose(separately[m], outputs[m], atol=1e-5)
+
+
+def test_onnx_steps_time_the_runtime_calls():
+    """The benchmark's variants are exactly ModelRuntime's calls: run per mechanism, run_separately, run_fused."""
+    calls = []
+
+    class Recorder:
+        def run(self, mechanism, z, y):
+            calls.append(("run", mechanism, len(z)))
+
+        def run_separately(self, z, y):
+            calls.append(("run_separately", tuple(z), len(z["shape"])))
+
+        def run_fused(self, z, y):
+            calls.append(("run_fused", tuple(z), len(z["shape"])))
+
+    steps = model_bench.onnx_steps(Recorder(), 4, NoiseSpec(dim=32))
+    assert set(steps) == {*MECHANISMS, "three_sessions", "fused"}
+    for step in steps.values():
+        step()
+    assert calls == [("run", m, 4) for m in MECHANISMS] + [
+        ("run_separately", tuple(MECHANISMS), 4), ("run_fused", tuple(MECHANISMS), 4)]
 
 
 @needs_shared
-def test_model_benchmark_writes_results(tmp_path, restore_torch_threads):
-    models = tiny_model_repo(tmp_path / "models")
+def test_model_benchmark_writes_results(tmp_path, tiny_models, restore_torch_threads):
+    models = tiny_models
     results, md = tmp_path / "results", tmp_path / "docs" / "RESULTS.md"
     assert model_bench.main([
         "--family", FAMILY, "--models-dir", str(models), "--runs-dir", str(tmp_path / "runs"),

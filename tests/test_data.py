@@ -59,12 +59,27 @@ def test_load_mnist_test_split(mnist):
 
 @needs_mnist
 def test_data_dir_may_be_the_mnist_folder_or_come_from_the_env(mnist, monkeypatch):
+    monkeypatch.delenv("SKDCGN_DATA_DIR", raising=False)
     direct = data.load_mnist("test", data_dir=MNIST_DIR)
-    monkeypatch.setenv(data.DATA_DIR_ENV, str(SHARED / "data"))
+    monkeypatch.setenv(data.MNIST_DIR_ENV, str(SHARED / "data"))
+    assert data.MNIST_DIR_ENV == "SKDCGN_MNIST_DIR"
     from_env = data.load_mnist("test")
     for images, labels in (direct, from_env):
         np.testing.assert_array_equal(images, mnist[0])
         np.testing.assert_array_equal(labels, mnist[1])
+
+
+@needs_mnist
+def test_the_old_data_dir_variable_still_works_with_a_warning(mnist, monkeypatch):
+    monkeypatch.delenv(data.MNIST_DIR_ENV, raising=False)
+    monkeypatch.setenv("SKDCGN_DATA_DIR", str(SHARED / "data"))
+    with pytest.warns(FutureWarning, match="SKDCGN_DATA_DIR is deprecated.*SKDCGN_MNIST_DIR"):
+        images, labels = data.load_mnist("test")
+    np.testing.assert_array_equal(images, mnist[0])
+    np.testing.assert_array_equal(labels, mnist[1])
+    monkeypatch.setenv(data.MNIST_DIR_ENV, str(MNIST_DIR))  # the new variable wins over the old one
+    with pytest.warns(FutureWarning):
+        assert data.resolve_data_dir() == MNIST_DIR
 
 
 @needs_mnist

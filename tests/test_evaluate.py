@@ -1,17 +1,16 @@
-"""Evaluation: fidelity plumbing and label checks with known answers, counterfactual draws, and a tiny
-end-to-end invariant-classifier run on the real teacher and exported (untrained) students."""
+"""Evaluation: fidelity plumbing and label checks with known answers, counterfactual draws, students as a
+Source through core.runtime.ModelRuntime, and a tiny end-to-end invariant-classifier run on the real teacher
+and exported (untrained) students."""
 from __future__ import annotations
 
-import datetime as dt
 import json
 
 import numpy as np
 import pytest
-import torch
 
-from core.hashing import sha256_file
-from core.manifest import SCHEMA_VERSION, set_latest, write_manifest
-from core.noise import MECHANISMS, NoiseSpec
+from core.noise import NoiseSpec
+from core.runtime import ModelRuntime
+from tests.model_helpers import FAMILY
 from tests.paths import SHARED, needs_shared
 from training import evaluate
 from training.data import DIGIT_PALETTE, PALETTE
@@ -21,11 +20,7 @@ from core.compose import PAPER_STUDY
 from training.evaluation.counterfactuals import counterfactual_dataset, draw
 from training.evaluation.fidelity import class_means, evaluate_fidelity, label_palettes, nearest_colour
 from training.evaluation.invariance import real_splits
-from training.evaluation.sources import Source
-from training.export import export_students
-from training.students import StudentConfig, TinyGenerator
-
-FAMILY = "double_colored_mnist"
+from training.evaluation.sources import Source, student_source
 
 
 def fake_source(offset: float = 0.0) -> Source:
@@ -39,27 +34,6 @@ def fake_source(offset: float = 0.0) -> Source:
         return np.broadcast_to(colours[:, :, None, None], (len(z), 3, 32, 32)).astype(np.float32).copy()
 
     return Source("fake", NoiseSpec(dim=32), 32, True, run)
-
-
-def tiny_model_repo(root, family: str = FAMILY, version: str = "tiny"):
-    """Untrained narrow students exported with the project's exporter, with a manifest: a real repository layout."""
-    torch.manual_seed(0)
-    config = StudentConfig(channels=[16, 8, 8, 8], embed_dim=8)
-    students = {m: TinyGenerator(config, m).eval() for m in MECHANISMS}
-    directory = root / family / version
-    directory.mkdir(parents=True)
-    blocks = export_students(students, directory)
-    manifest = {
-        "schema_version": SCHEMA_VERSION, "family": family, "version": version,
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "teacher": {"name": "double_colored"}, "image_size": 32, "noise": NoiseSpec(dim=32).to_manifest(),
-        "texture_shuffle": True, "labels": {"count": 10, "names": [str(i) for i in range(10)]}, **blocks,
-        "training": {"student": config.to_dict()},
-        "files": {p.name: sha256_file(p) for p in sorted(directory.iterdir())},
-    }
-    write_manifest(directory, manifest)
-    set_latest(root, family, version)
-    return root
 
 
 def test_nearest_colour_recovers_palette_indices():
@@ -93,6 +67,18 @@ def test_draws_share_masks_within_groups_and_are_chunk_invariant():
     np.testing.assert_array_equal(whole.images, chunked.images)
     np.testing.assert_array_equal(whole.labels[:20], draws.labels["shape"])
     np.testing.assert_array_equal(whole.fg_index[:20], draws.labels["texture"])
+
+
+def test_student_source_runs_a_model_runtime_in_batches(tiny_models):
+    runtime = ModelRuntime.from_repository(tiny_models, FAMILY, providers=["CPUExecutionProvider"])
+    source = student_source(runtime, batch=4)
+    assert (source.name, source.noise, source.image_size, source.texture_shuffle) == (
+        f"student:{FAMILY}/tiny", NoiseSpec(dim=32), 32, True)
+    rng = np.random.default_rng(0)
+    z, y = rng.standard_normal((10, 32)).astype(np.float32), rng.integers(0, 10, 10)
+    batched = source.run("texture", z, y)  # three calls: 4 + 4 + 2
+    assert batched.shape == (10, 3, 32, 32)
+    np.testing.assert_allclose(batched, runtime.run("texture", z, y), atol=1e-5)
 
 
 def untrained_reader() -> tuple:
@@ -149,17 +135,9 @@ def test_update_section_replaces_only_its_own_block(tmp_path):
     assert text.index("second A") < text.index("only B")
 
 
-@pytest.fixture
-def restore_torch_threads():
-    """The CLI's --threads sets torch's global thread count (1 keeps tiny runs fast on a busy CPU): undo it."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 @needs_shared
-def test_tiny_invariance_and_fidelity_runs_write_results(tmp_path, restore_torch_threads):
-    models = tiny_model_repo(tmp_path / "models")
+def test_tiny_invariance_and_fidelity_runs_write_results(tmp_path, tiny_models, restore_torch_threads):
+    models = tiny_models
     common = ["--family", FAMILY, "--models-dir", str(models), "--results-dir", str(tmp_path / "results"), "--threads", "1",
               "--results-md", str(tmp_path / "docs" / "RESULTS.md"), "--data-dir", str(SHARED / "data"),
               "--teacher-path", str(SHARED / "teachers" / "cgn_mnist")]

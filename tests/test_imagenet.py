@@ -176,7 +176,7 @@ def distilled(checkpoint, tmp_path_factory):
 
 @pytest.mark.slow
 def test_short_distillation_exports_a_256px_family(distilled, teacher, checkpoint):
-    import onnxruntime as ort
+    from core.runtime import ModelRuntime
 
     out = distilled
     manifest = load_manifest(out)
@@ -208,10 +208,11 @@ def test_short_distillation_exports_a_256px_family(distilled, teacher, checkpoin
         expected = teacher.texture(torch.from_numpy(data["z"][:1]), torch.from_numpy(data["y"][:1])).numpy()
     np.testing.assert_allclose(data["texture"][:1], expected, atol=1e-5)
 
-    # The graphs take any batch size, not only the one they were traced with.
-    fused = ort.InferenceSession(str(out / "fused.onnx"), providers=["CPUExecutionProvider"])
+    # The graphs take any batch size, not only the one they were traced with (run as the workers run them).
+    runtime = ModelRuntime(out, providers=["CPUExecutionProvider"])
     z, y = data["z"][:1], data["y"][:1]
-    mask, texture, background = fused.run(None, {f"{part}_{m}": v for m in HEADS for part, v in (("z", z), ("y", y))})
+    outputs = runtime.run_fused({m: z for m in HEADS}, {m: y for m in HEADS})
+    mask, texture, background = outputs["shape"], outputs["texture"], outputs["background"]
     assert mask.shape == (1, 1, 256, 256) and texture.shape == background.shape == (1, 3, 256, 256)
 
 

@@ -22,11 +22,12 @@ import numpy as np
 from PIL import Image, ImageColor
 
 from core.compose import compose
+from core.settings import PREFIX, Paths
 from training import fetch
 from training.fetch import ChecksumError
 
-DATA_DIR_ENV = "SKDCGN_DATA_DIR"
-DEFAULT_DATA_DIR = Path("~/.cache/skdcgn/data")
+MNIST_DIR_ENV = PREFIX + "MNIST_DIR"  # read by core.settings.Paths (the old SKDCGN_DATA_DIR still works, with a warning)
+DEFAULT_DATA_DIR = Paths.mnist_dir
 SPLITS = ("train", "test")
 MNIST_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -82,9 +83,10 @@ class DataError(ValueError):
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
-    """The data root: the argument, else $SKDCGN_DATA_DIR, else ~/.cache/skdcgn/data."""
+    """The data root: the argument, else core.settings.Paths.mnist_dir ($SKDCGN_MNIST_DIR, else
+    ~/.cache/skdcgn/data)."""
     if data_dir is None:
-        data_dir = os.environ.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR
+        return Paths.from_env().mnist_dir
     return Path(data_dir).expanduser()
 
 
@@ -171,7 +173,7 @@ def load_mnist(
         looked = "\n  ".join(str(p) for name in missing for p in _candidates(root, name))
         raise DataError(
             f"MNIST {split} files not found; looked for:\n  {looked}\n"
-            f"Fetch them with {fix}, or point data_dir / ${DATA_DIR_ENV} at a folder holding them."
+            f"Fetch them with {fix}, or point data_dir / ${MNIST_DIR_ENV} at a folder holding them."
         )
     try:
         images = _read_idx(found[names[0]], IDX_IMAGES_MAGIC)
@@ -355,7 +357,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sub = commands.add_parser(command, help=text, description=text)
         sub.add_argument(
             "--data-dir", type=Path, default=None,
-            help=f"data root (default ${DATA_DIR_ENV}, else {DEFAULT_DATA_DIR})",
+            help=f"data root (default ${MNIST_DIR_ENV}, else {DEFAULT_DATA_DIR})",
         )
         sub.add_argument("--split", nargs="+", choices=SPLITS, default=list(SPLITS), help="splits (default both)")
     args = parser.parse_args(argv)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -22,29 +21,31 @@ from pathlib import Path
 import torch
 
 from core.manifest import ManifestError, VersionNotFound, latest_version
+from core.runtime import ModelRuntime
+from core.settings import Paths
 from training.evaluation import report
 from training.evaluation.classifier import TrainConfig
 from core.compose import PAPER_STUDY, UNMODIFIED
 from training.evaluation.fidelity import digit_recogniser, evaluate_fidelity
 from training.evaluation.invariance import InvarianceConfig, run_experiment
-from training.evaluation.sources import load_students, teacher_source
+from training.evaluation.sources import student_source, teacher_source
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("SKDCGN_SHARED", REPO.parent / "shared"))
 EVALUATED_FAMILIES = ("double_colored_mnist", "wildlife_mnist", "colored_mnist")  # fidelity: every MNIST family
 INVARIANCE_FAMILIES = ("double_colored_mnist", "wildlife_mnist")  # the families with a real-data recipe
 PAPER_SCALE = {"images": 100_000, "epochs": 10}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    paths = Paths.from_env()  # defaults: the model repository and ../shared (teachers, MNIST, textures)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=["fidelity", "invariance", "all", "render"])
     parser.add_argument("--family", help=f"model family (default for `all`: every shipped one of {EVALUATED_FAMILIES}; the "
                         f"invariant-classifier experiment runs for {INVARIANCE_FAMILIES})")
-    parser.add_argument("--models-dir", default="models", help="model repository (default models)")
+    parser.add_argument("--models-dir", default=str(paths.models_dir),
+                        help="model repository (default $SKDCGN_MODELS_DIR, else models)")
     parser.add_argument("--version", help="student version (default the family's LATEST)")
-    parser.add_argument("--teacher-path", default=str(SHARED / "teachers" / "cgn_mnist"))
-    parser.add_argument("--data-dir", default=str(SHARED / "data"), help="holds mnist/ and textures/")
+    parser.add_argument("--teacher-path", default=str(paths.shared_dir / "teachers" / "cgn_mnist"))
+    parser.add_argument("--data-dir", default=str(paths.shared_dir / "data"), help="holds mnist/ and textures/")
     parser.add_argument("--pairs", type=int, default=2000, help="held-out pairs for fidelity")
     parser.add_argument("--baseline-pairs", type=int, default=5000, help="teacher samples for the class-mean baseline")
     parser.add_argument("--recogniser-epochs", type=int, default=3, help="epochs of the digit CNN that reads masks")
@@ -101,8 +102,8 @@ def render_all(args: argparse.Namespace) -> None:
 
 
 def run_fidelity(args: argparse.Namespace, family: str) -> None:
-    students = load_students(args.models_dir, family, args.version, args.threads)
-    result = evaluate_fidelity(teacher_source(family, args.teacher_path), students.source(), family, args.pairs,
+    students = ModelRuntime.from_repository(args.models_dir, family, args.version, threads=args.threads)
+    result = evaluate_fidelity(teacher_source(family, args.teacher_path), student_source(students), family, args.pairs,
                                args.data_dir, Path(args.data_dir) / "textures", args.baseline_pairs,
                                recogniser=digit_recogniser(args.data_dir, args.recogniser_epochs))
     result.update(family=family, version=students.version, models_dir=str(students.directory), grid=None,
@@ -122,7 +123,8 @@ def run_invariance(args: argparse.Namespace, family: str) -> None:
     if "teacher" in args.arms:
         sources["teacher"] = teacher_source(family, args.teacher_path)
     if "student" in args.arms:
-        sources["student"] = load_students(args.models_dir, family, args.version, args.threads).source()
+        students = ModelRuntime.from_repository(args.models_dir, family, args.version, threads=args.threads)
+        sources["student"] = student_source(students)
     config = InvarianceConfig(images=args.images, per_shape=args.per_shape, seeds=args.seeds,
                               train=TrainConfig(epochs=args.epochs))
     studies = {"unmodified": [UNMODIFIED], "modified": [PAPER_STUDY], "both": [UNMODIFIED, PAPER_STUDY]}[args.mask]

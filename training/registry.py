@@ -2,7 +2,8 @@
 
 `models/<family>/LATEST` names the served version (workers watch it). `models/<family>/HISTORY.jsonl`
 records each promotion and rollback, so a rollback returns to the version promoted before the current one.
-Usage: python -m training.registry promote|rollback|list --family F [--version V] [--models-dir models]
+Usage: python -m training.registry promote|rollback|list --family F [--version V] [--models-dir DIR]
+(--models-dir defaults to core.settings.Paths.models_dir: $SKDCGN_MODELS_DIR, else models).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from core.manifest import (
     LATEST_NAME, ManifestError, VersionNotFound, latest_version, list_families, list_versions, load_manifest,
     set_latest, verify_files,
 )
+from core.settings import Paths
 
 HISTORY_NAME = "HISTORY.jsonl"
 
@@ -95,7 +97,8 @@ def describe(models_root: str | os.PathLike, family: str) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.registry", description=__doc__.splitlines()[0])
     parser.add_argument("command", choices=["promote", "rollback", "list"])
-    parser.add_argument("--models-dir", default=os.environ.get("SKDCGN_MODELS_DIR", "models"))
+    parser.add_argument("--models-dir", default=str(Paths.from_env().models_dir),
+                        help="model repository (default $SKDCGN_MODELS_DIR, else models)")
     parser.add_argument("--family", help="model family (default: every family, for list)")
     parser.add_argument("--version", help="version to promote")
     args = parser.parse_args(argv)

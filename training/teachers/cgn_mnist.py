@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from core.settings import Paths
 from training.fetch import ChecksumError, download, file_digest
 
 LATENT_DIM = 32
@@ -102,7 +103,8 @@ class TeacherError(ValueError):
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("SKDCGN_CACHE", Path.home() / ".cache" / "skdcgn")) / "teachers"
+    """Downloaded checkpoints: <core.settings.Paths.cache_dir>/teachers ($SKDCGN_CACHE, else ~/.cache/skdcgn)."""
+    return Paths.from_env().cache_dir / "teachers"
 
 
 def resolve_checkpoint(variant: str, path: str | os.PathLike | None = None, allow_download: bool = True) -> Path:
