@@ -12,9 +12,9 @@ import numpy as np
 
 from core.imageio import decode
 from core.manifest import latest_version, load_manifest, write_manifest
+from tests.model_helpers import FAMILY
 from tests.paths import REPO
 
-FAMILY = "double_colored_mnist"
 JOB_TIMEOUT_S = 90
 
 
