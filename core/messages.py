@@ -32,7 +32,7 @@ class MessageSchemaError(ValueError):
 
 
 def reply_key(reply_to: str) -> str:
-    """The list a worker pushes an interactive request's answer to; the gateway waits on it with BLPOP."""
+    """The list a worker pushes a batch's answers to; the gateway waits on it with BLPOP."""
     return f"skdcgn:reply:{reply_to}"
 
 
@@ -95,10 +95,12 @@ class RenderRequest:
 
 @dataclass(frozen=True)
 class RenderBatch:
-    """Interactive requests rendered by one task; each answer goes to the reply list named by its `reply_to`."""
+    """Interactive requests that the gateway batched into one task; the worker answers them all at once, as one
+    `BatchReply` pushed to the reply list named by `reply_to` (one list, so the gateway blocks on one connection
+    per batch, not one per request)."""
 
     requests: list[RenderRequest]
-    reply_to: list[str]
+    reply_to: str
 
     def to_dict(self) -> dict:
         return {"schema": MESSAGE_SCHEMA, "requests": [r.to_dict() for r in self.requests], "reply_to": self.reply_to}
@@ -107,13 +109,9 @@ class RenderBatch:
     def from_dict(cls, message: dict) -> "RenderBatch":
         body = _check_schema("render batch", message)
         try:
-            requests = [RenderRequest.from_dict(item) for item in body["requests"]]
-            reply_to = list(body["reply_to"])
+            return cls([RenderRequest.from_dict(item) for item in body["requests"]], str(body["reply_to"]))
         except (KeyError, TypeError) as exc:
             raise MessageSchemaError(f"render batch message is malformed: {exc!r}") from exc
-        if len(requests) != len(reply_to):
-            raise MessageSchemaError("render batch message has a reply list per request: counts differ")
-        return cls(requests, reply_to)
 
 
 @dataclass(frozen=True)
@@ -134,6 +132,21 @@ class RenderReply:
     @classmethod
     def failure(cls, status: int, error: str) -> "RenderReply":
         return cls(error=error, status=status)
+
+
+@dataclass(frozen=True)
+class BatchReply:
+    """The answers to a RenderBatch, in the order of its requests."""
+
+    replies: list[RenderReply]
+
+    def to_dict(self) -> dict:
+        return {"schema": MESSAGE_SCHEMA, "replies": [reply.to_dict() for reply in self.replies]}
+
+    @classmethod
+    def from_dict(cls, message: dict) -> "BatchReply":
+        body = _check_schema("batch reply", message)
+        return cls([RenderReply.from_dict(item) for item in body["replies"]])
 
 
 @dataclass(frozen=True)

@@ -91,8 +91,15 @@ class Settings:
     cache_max_entry_bytes: int = 4 << 20
     api_keys: frozenset[str] = field(default_factory=frozenset)
     api_keys_for_generation: bool = False  # with api_keys set: /counterfactual and /generate need a key too
-    visibility_timeout_s: int = 3600  # a task unacknowledged this long is redelivered: keep it above a chunk's time
-    job_chunk_size: int = 1000
+    # A task unacknowledged this long (its worker died) goes back to its queue: chunks are sized to take a few
+    # seconds, far below it, so a killed worker's chunk is redone within a minute, with no setting changed.
+    visibility_timeout_s: int = 30
+    job_chunk_size: int = 1000  # samples per chunk at 32×32; a larger image size gets proportionally fewer
+    chunk_attempts: int = 3  # tries of a chunk that raises (with backoff) before its job fails
+    batch_window_ms: float = 4.0  # how long a cache miss waits for others to share its onnxruntime call
+    max_batch_samples: int = 256  # images per batched render task
+    max_in_flight: int = 256  # requests one gateway process serves at once; more are answered 429
+    redis_timeout_s: float = 1.0  # every non-blocking Redis call and the health probe: Redis frozen → 503 fast
     job_shard_size: int = 100_000  # samples per tar shard of a png job's result
     job_retention_s: float = 7 * 24 * 3600.0  # an ended job's record and files live this long after it ended
     cleanup_interval_s: float = 300.0  # how often the gateway removes expired jobs
@@ -121,6 +128,11 @@ class Settings:
             api_keys_for_generation=_flag("API_KEYS_FOR_GENERATION", cls.api_keys_for_generation),
             visibility_timeout_s=_number("VISIBILITY_TIMEOUT_S", cls.visibility_timeout_s, minimum=1),
             job_chunk_size=_number("JOB_CHUNK_SIZE", cls.job_chunk_size, minimum=1),
+            chunk_attempts=_number("CHUNK_ATTEMPTS", cls.chunk_attempts, minimum=1),
+            batch_window_ms=_number("BATCH_WINDOW_MS", cls.batch_window_ms, float, minimum=0.0),
+            max_batch_samples=_number("MAX_BATCH_SAMPLES", cls.max_batch_samples, minimum=1),
+            max_in_flight=_number("MAX_IN_FLIGHT", cls.max_in_flight, minimum=1),
+            redis_timeout_s=_number("REDIS_TIMEOUT_S", cls.redis_timeout_s, float, minimum=0.05),
             job_shard_size=_number("JOB_SHARD_SIZE", cls.job_shard_size, minimum=1),
             job_retention_s=_number("JOB_RETENTION_S", cls.job_retention_s, float, minimum=0.1),
             cleanup_interval_s=_number("CLEANUP_INTERVAL_S", cls.cleanup_interval_s, float, minimum=0.1),
@@ -137,3 +149,7 @@ class Settings:
     @property
     def jobs_dir(self) -> Path:
         return self.paths.jobs_dir
+
+    def chunk_size_for(self, image_size: int) -> int:
+        """Samples per job chunk for a model's image size: about the same seconds of work at any resolution."""
+        return max(1, self.job_chunk_size * 32 * 32 // (image_size * image_size))

@@ -1,20 +1,26 @@
-"""The gateway's side of Redis and Celery: admission (503/429), sending tasks, waiting for replies, the cache.
+"""The gateway's side of Redis and Celery: Redis health, admission (503/429), sending tasks, replies, the cache.
 
-Waiting happens on asyncio Redis clients (BLPOP on the task's reply list), so a slow render holds no thread.
-Publishing goes through Celery's (blocking) producer in a worker thread.
+Two connection pools: short commands (cache, job records, admission) time out after `redis_timeout_s`, and the
+blocking waits for replies (BLPOP, one per batch in flight) have their own pool. Both pools are larger than the
+requests admitted at once, so overload is answered 429 by admission and never surfaces as a pool error. A probe
+pings Redis twice a second; while it fails, every request that needs Redis is answered 503 at once, waiting
+requests included, and the gateway recovers by itself when Redis answers again. Publishing goes through
+Celery's (blocking) producer in a thread, bounded by the same timeout.
 """
 from __future__ import annotations
 
 import asyncio
 import json
 import math
+import time
+from typing import Callable
 from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
 from kombu.exceptions import OperationalError
 
 from core.celery_config import make_celery
-from core.messages import STATS_KEY, WORKER_PREFIX, RenderReply, reply_key
+from core.messages import STATS_KEY, WORKER_PREFIX, BatchReply, reply_key
 from core.settings import Settings
 
 
@@ -41,35 +47,79 @@ def refusals(workers: list[dict]) -> dict[str, str]:
     return found
 
 
+PROBE_INTERVAL_S = 0.5
+WORKERS_FRESH_S = 1.0  # admission reuses the workers' heartbeats read this recently
+
+
 class Broker:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.celery = make_celery(settings)
-        # Reads wait up to the synchronous timeout (BLPOP), so the socket timeout must exceed it.
-        socket_timeout = settings.sync_timeout_s + 5
-        self.redis = aioredis.Redis.from_url(settings.redis_url, decode_responses=True,
-                                             socket_connect_timeout=1, socket_timeout=socket_timeout)
-        self.cache = self.redis if settings.cache_url == settings.redis_url else aioredis.Redis.from_url(
-            settings.cache_url, socket_connect_timeout=1, socket_timeout=5)
+        timeout = settings.redis_timeout_s
+        quick = dict(socket_connect_timeout=timeout, socket_timeout=timeout, timeout=timeout,
+                     max_connections=settings.max_in_flight + 32)
+        self.redis = aioredis.Redis(connection_pool=aioredis.BlockingConnectionPool.from_url(
+            settings.redis_url, decode_responses=True, **quick))
+        # BLPOP waits up to the synchronous timeout, so its socket timeout must exceed it.
+        self.blocking = aioredis.Redis(connection_pool=aioredis.BlockingConnectionPool.from_url(
+            settings.redis_url, decode_responses=True, socket_connect_timeout=timeout,
+            socket_timeout=settings.sync_timeout_s + 5, timeout=timeout, max_connections=settings.max_in_flight + 8))
+        self.cache = self.redis if settings.cache_url == settings.redis_url else aioredis.Redis(
+            connection_pool=aioredis.BlockingConnectionPool.from_url(settings.cache_url, **quick))
+        self.down_reason: str | None = None  # why the last probe failed; None while Redis answers
+        self.on_down: list[Callable[[ServiceError], None]] = []
+        self._workers: tuple[float, list[dict]] = (0.0, [])
 
     async def close(self) -> None:
         await self.redis.aclose()
+        await self.blocking.aclose()
         if self.cache is not self.redis:
             await self.cache.aclose()
+
+    def outage(self, reason: str) -> ServiceError:
+        return ServiceError(503, f"Redis at {redis_location(self.settings.redis_url)} is unreachable ({reason}); "
+                                 "retry shortly", {"Retry-After": "2"})
+
+    def ensure_up(self) -> None:
+        """503 at once while the probe finds Redis down, instead of waiting on a timeout per request."""
+        if self.down_reason is not None:
+            raise self.outage(self.down_reason)
+
+    async def probe_forever(self) -> None:
+        """Ping Redis every PROBE_INTERVAL_S; on failure answer everything waiting with 503 (see on_down)."""
+        while True:
+            try:
+                await asyncio.wait_for(self.redis.ping(), self.settings.redis_timeout_s)
+                self.down_reason = None
+            except (aioredis.RedisError, asyncio.TimeoutError, OSError) as exc:
+                first = self.down_reason is None
+                self.down_reason = str(exc) or "no answer within {:g} s".format(self.settings.redis_timeout_s)
+                if first:
+                    for callback in self.on_down:
+                        callback(self.outage(self.down_reason))
+            await asyncio.sleep(PROBE_INTERVAL_S)
 
     async def workers(self) -> list[dict]:
         """Heartbeats of the workers that are up and have loaded their models."""
         keys = [key async for key in self.redis.scan_iter(match=WORKER_PREFIX + "*", count=100)]
         values = await self.redis.mget(keys) if keys else []
-        return [json.loads(value) for value in values if value]
+        found = [json.loads(value) for value in values if value]
+        self._workers = (time.monotonic(), found)
+        return found
+
+    async def recent_workers(self) -> list[dict]:
+        """The heartbeats read within WORKERS_FRESH_S, or read now: admission does not scan Redis per request."""
+        read_at, found = self._workers
+        return found if time.monotonic() - read_at < WORKERS_FRESH_S else await self.workers()
 
     async def queue_depth(self, queue: str) -> int:
         return await self.redis.llen(queue)
 
     async def admit(self, queue: str, bound: int, model: str) -> None:
-        """503 when no worker is up or one refuses `model` ("family/version"), 429 with Retry-After when the
-        queue is deeper than `bound`."""
-        workers = await self.workers()
+        """503 when Redis or every worker is down or a worker refuses `model` ("family/version"), 429 with
+        Retry-After when the queue is deeper than `bound`."""
+        self.ensure_up()
+        workers = await self.recent_workers()
         if not workers:
             raise ServiceError(503, "no worker is up to render images; start one (`make run` starts one) "
                                     "and retry", {"Retry-After": "5"})
@@ -84,7 +134,7 @@ class Broker:
                                {"Retry-After": str(max(1, math.ceil(depth / max(bound, 1))))})
 
     async def send(self, name: str, calls: list[tuple[str, dict]], expires: float | None = None) -> None:
-        """Publish (task_id, message) pairs over one producer connection; 503 when Redis refuses them."""
+        """Publish (task_id, message) pairs over one producer connection; 503 when Redis refuses or stalls."""
         def publish() -> None:
             with self.celery.producer_or_acquire() as producer:
                 for task_id, message in calls:
@@ -92,35 +142,37 @@ class Broker:
                     self.celery.send_task(name, args=[message], task_id=task_id, expires=expires, producer=producer,
                                           ignore_result=True)
 
+        self.ensure_up()
         try:
-            await asyncio.to_thread(publish)
-        except OperationalError as exc:
+            await asyncio.wait_for(asyncio.to_thread(publish), 2 * self.settings.redis_timeout_s + len(calls) / 1000)
+        except (OperationalError, asyncio.TimeoutError) as exc:
             raise ServiceError(503, f"cannot queue work on Redis at {redis_location(self.settings.redis_url)}: "
-                                    f"{exc}; retry shortly", {"Retry-After": "5"}) from exc
+                                    f"{exc or 'no answer'}; retry shortly", {"Retry-After": "2"}) from exc
 
-    async def wait_reply(self, reply_to: str) -> RenderReply:
+    async def wait_batch(self, reply_to: str) -> BatchReply:
         timeout = self.settings.sync_timeout_s
-        popped = await self.redis.blpop([reply_key(reply_to)], timeout=timeout)
+        try:
+            popped = await self.blocking.blpop([reply_key(reply_to)], timeout=timeout)
+        except (aioredis.ConnectionError, aioredis.TimeoutError) as exc:
+            raise self.outage(str(exc)) from exc
         if popped is None:
             raise ServiceError(504, f"no worker answered within {timeout:g} s; the service is overloaded or a "
                                     "worker is stuck: retry later, or ask for fewer images")
-        return RenderReply.from_dict(json.loads(popped[1]))
+        return BatchReply.from_dict(json.loads(popped[1]))
 
-    async def cache_get(self, key: str) -> dict | None:
-        """A cached payload, or None; a failing cache is a miss, never an error."""
+    async def cache_get(self, key: str) -> str | None:
+        """A cached payload's JSON text, or None; a failing cache is a miss, never an error."""
         try:
-            value = await self.cache.get(key)
-        except aioredis.RedisError:
+            return await self.cache.get(key)
+        except (aioredis.RedisError, OSError):
             return None
-        return json.loads(value) if value else None
 
-    async def cache_set(self, key: str, payload: dict) -> None:
-        data = json.dumps(payload)
-        if not self.settings.cache_ttl_s or len(data) > self.settings.cache_max_entry_bytes:
+    async def cache_set(self, key: str, payload: str) -> None:
+        if not self.settings.cache_ttl_s or len(payload) > self.settings.cache_max_entry_bytes:
             return
         try:
-            await self.cache.set(key, data, ex=self.settings.cache_ttl_s)
-        except aioredis.RedisError:
+            await self.cache.set(key, payload, ex=self.settings.cache_ttl_s)
+        except (aioredis.RedisError, OSError):
             pass  # the answer is already computed; losing its cache entry costs only a later recomputation
 
     async def revoke(self, task_ids: list[str]) -> None:

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Mapping
 
 from core.manifest import (
-    ManifestError, latest_version, list_families, list_versions, load_manifest, manifest_sha256, resolve_version,
+    LATEST_NAME, MANIFEST_NAME, ManifestError, latest_version, list_families, list_versions, load_manifest,
+    manifest_sha256, resolve_version,
 )
 
 
@@ -34,13 +35,29 @@ class ResolvedModel:
         return list(self.manifest["mechanisms"])
 
     @property
+    def image_size(self) -> int:
+        return int(self.manifest["image_size"])
+
+    @property
     def noise_dim(self) -> int:
         return int(self.manifest["noise"]["dim"])
+
+
+def _signature(path: Path) -> tuple | None:
+    """What changes when a file is rewritten or replaced (atomic writes replace the inode); None when absent."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
 class ModelCatalog:
     def __init__(self, models_dir: Path):
         self.models_dir = Path(models_dir)
+        # (family, version or None) -> (signatures of LATEST and the manifest, the resolved model): a request
+        # costs two stat calls instead of scanning the repository and hashing the manifest.
+        self._resolved: dict[tuple[str, str | None], tuple[tuple, ResolvedModel]] = {}
 
     def _check_family(self, family: str) -> None:
         families = list_families(self.models_dir)
@@ -49,9 +66,18 @@ class ModelCatalog:
 
     def resolve(self, family: str, version: str | None = None) -> ResolvedModel:
         """The version to serve (LATEST when None); raises UnknownModel, VersionNotFound or ManifestError."""
+        cached = self._resolved.get((family, version))
+        if cached is not None and cached[0] == self._signatures(family, version, cached[1].version):
+            return cached[1]
         self._check_family(family)
-        version, directory = resolve_version(self.models_dir, family, version)
-        return ResolvedModel(family, version, load_manifest(directory), manifest_sha256(directory))
+        resolved_version, directory = resolve_version(self.models_dir, family, version)
+        model = ResolvedModel(family, resolved_version, load_manifest(directory), manifest_sha256(directory))
+        self._resolved[(family, version)] = (self._signatures(family, version, resolved_version), model)
+        return model
+
+    def _signatures(self, family: str, asked: str | None, resolved: str) -> tuple:
+        latest = _signature(self.models_dir / family / LATEST_NAME) if asked is None else None
+        return latest, _signature(self.models_dir / family / resolved / MANIFEST_NAME)
 
     def describe_family(self, family: str, refused: Mapping[str, str]) -> dict:
         """A family's versions with their manifest essentials and status; `refused` ("family/version" -> why)

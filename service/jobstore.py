@@ -141,11 +141,26 @@ class JobStore:
                     await self.redis.zrem(JOBS_ENDED_KEY, job_id)
         return removed
 
+    async def remove_orphans(self, retention_s: float) -> int:
+        """Delete job folders that no record names (Redis restarted without persistence) once they are older than
+        the retention period; returns how many."""
+        cutoff, removed = time.time() - retention_s, 0
+        folders = await asyncio.to_thread(lambda: [entry for entry in self.jobs_dir.iterdir() if entry.is_dir()]
+                                          if self.jobs_dir.is_dir() else [])
+        for folder in folders:
+            if not JOB_ID_PATTERN.match(folder.name) or await self.redis.exists(job_key(folder.name)):
+                continue
+            if (await asyncio.to_thread(folder.stat)).st_mtime < cutoff:
+                await asyncio.to_thread(shutil.rmtree, folder, ignore_errors=True)
+                removed += 1
+        return removed
+
     async def cleanup_forever(self, retention_s: float, interval_s: float) -> None:
         """The gateway's periodic retention pass; every gateway may run one, deleting twice is harmless."""
         while True:
             try:
                 await self.expire(retention_s)
+                await self.remove_orphans(retention_s)
             except Exception:  # Redis away, a file system hiccup: the next pass retries, the gateway serves on
                 logger.exception("job cleanup failed; retrying in %g s", interval_s)
             await asyncio.sleep(interval_s)

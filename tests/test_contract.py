@@ -15,7 +15,7 @@ from core.celery_config import make_celery
 from core.compose import MaskModifiers
 from core.jobs import JobSpec
 from core.messages import (
-    MESSAGE_SCHEMA, RENDER_TASK, ChunkTask, MessageSchemaError, RenderBatch, RenderReply, RenderRequest, reply_key,
+    MESSAGE_SCHEMA, RENDER_TASK, BatchReply, ChunkTask, MessageSchemaError, RenderBatch, RenderReply, RenderRequest, reply_key,
 )
 from core.settings import REPO_ROOT, Paths, Settings
 
@@ -92,11 +92,11 @@ def test_the_old_data_dir_variable_still_works_with_a_warning(monkeypatch, tmp_p
 def test_messages_round_trip_and_refuse_another_contract_version():
     request = RenderRequest("counterfactual", "double_colored_mnist", "v2", "ab" * 32,
                             {"shape": 3, "texture": 2, "background": 5}, 4, 7, MaskModifiers().to_dict())
-    batch = RenderBatch([request], ["reply-1"])
+    batch = RenderBatch([request], "reply-1")
     assert RenderBatch.from_dict(json.loads(json.dumps(batch.to_dict()))) == batch
     assert ChunkTask.from_dict(ChunkTask("f" * 32, 3).to_dict()) == ChunkTask("f" * 32, 3)
-    reply = RenderReply.failure(503, "down")
-    assert RenderReply.from_dict(reply.to_dict()) == reply
+    reply = BatchReply([RenderReply.failure(503, "down"), RenderReply(payload={"n": 1})])
+    assert BatchReply.from_dict(json.loads(json.dumps(reply.to_dict()))) == reply
     old = {**request.to_dict(), "schema": MESSAGE_SCHEMA - 1}
     with pytest.raises(MessageSchemaError, match=f"version {MESSAGE_SCHEMA - 1}.*speaks {MESSAGE_SCHEMA}"):
         RenderRequest.from_dict(old)
@@ -117,13 +117,13 @@ def test_a_job_spec_is_stored_once_as_json():
 def test_a_worker_refuses_a_message_of_another_contract_version_loudly(stack):
     """A gateway of another release sends a render: the worker answers with an error naming both versions."""
     settings = Settings(redis_url=stack.env["SKDCGN_REDIS_URL"])
-    message = {**RenderBatch([], ["stale-gateway"]).to_dict(), "schema": MESSAGE_SCHEMA + 1}
+    message = {**RenderBatch([], "stale-gateway").to_dict(), "schema": MESSAGE_SCHEMA + 1}
     make_celery(settings).send_task(RENDER_TASK, args=[message], ignore_result=True)
     client = stack.redis()
     deadline, popped = time.monotonic() + 20, None
     while popped is None and time.monotonic() < deadline:
         popped = client.blpop([reply_key("stale-gateway")], timeout=1)
-    reply = RenderReply.from_dict(json.loads(popped[1]))
+    (reply,) = BatchReply.from_dict(json.loads(popped[1])).replies
     assert reply.status == 500 and f"contract version {MESSAGE_SCHEMA + 1}" in reply.error
 
 

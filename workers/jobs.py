@@ -14,6 +14,8 @@ import io
 import json
 import logging
 import tarfile
+import threading
+import time
 import zipfile
 from pathlib import Path
 
@@ -24,7 +26,7 @@ from core.atomic import atomic_path
 from core.compose import MaskModifiers
 from core.imageio import encode
 from core.jobs import (
-    ACTIVE_STATES, FAILED, SUCCEEDED, JobSpec, chunk_bounds, chunk_done_args, chunk_path, discard_chunks, end_args,
+    ACTIVE_STATES, CANCELLED, FAILED, SUCCEEDED, JobSpec, chunk_bounds, chunk_done_args, chunk_path, discard_chunks, end_args,
     job_chunks_key, job_key, job_lock_key, now_iso, result_paths, start_args,
 )
 from core.messages import STATS_KEY, ChunkTask
@@ -34,6 +36,7 @@ from core.settings import Settings
 from workers.engine import LoadedModels, counterfactual_batch
 
 logger = logging.getLogger(__name__)
+RETRY_BACKOFF_S = 0.5  # before the second try of a failed chunk; doubles each try
 CHUNK_ARRAYS = ("images", "labels", "indices")
 SEED_RULE = {  # per sample i of `indices`: the entropy of its streams (numpy SeedSequence, PCG64)
     "noise": "SeedSequence([seed, i]): z for shape, texture and background, the shuffle offsets, then the "
@@ -171,37 +174,63 @@ def load_spec(client: redis.Redis, job_id: str) -> JobSpec | None:
 
 
 def run_chunk(client: redis.Redis, models: LoadedModels, settings: Settings, task: ChunkTask) -> None:
-    """Render one chunk unless its job has ended or the chunk is already on disk; the worker that finishes the
-    last chunk assembles the result."""
+    """Render one chunk unless its job has ended or the chunk is on disk already, retrying a chunk that raises
+    (`chunk_attempts` tries, with backoff) before the job fails with an error naming the chunk and the cause.
+    Whoever records the last chunk assembles the result; a redelivered task of a finished chunk re-checks that,
+    so a worker killed while assembling only delays the result."""
     job = load_spec(client, task.job_id)
-    if job is None or client.sismember(job_chunks_key(job.id), task.chunk):
-        return  # ended, or a redelivered duplicate of a chunk already done
-    client.eval(*start_args(job.id))
-    try:
-        model = models.get(job.family, job.version, job.manifest_sha256)
-        arrays = render_chunk_arrays(model, job, task.chunk, settings.batch_size)
-        write_chunk(chunk_path(settings.jobs_dir, job.id, task.chunk), arrays)
-        done = client.eval(*chunk_done_args(job.id, task.chunk))
-        if done < 0:
-            # Ended while this chunk rendered: whoever ended the job may have cleared the chunks before it landed.
+    if job is None:
+        return  # ended (cancelled, failed, succeeded) or expired
+    if client.sismember(job_chunks_key(job.id), task.chunk):
+        done = client.scard(job_chunks_key(job.id))
+    else:
+        client.eval(*start_args(job.id))
+        done = _render_with_retries(client, models, settings, job, task.chunk)
+    if done == job.chunks:
+        _assemble_once(client, settings, job)
+
+
+def _render_with_retries(client: redis.Redis, models: LoadedModels, settings: Settings, job: JobSpec,
+                         chunk: int) -> int | None:
+    """Chunks done after rendering `chunk`; None when the job ended meanwhile or failed here."""
+    for attempt in range(1, settings.chunk_attempts + 1):
+        try:
+            model = models.get(job.family, job.version, job.manifest_sha256)
+            arrays = render_chunk_arrays(model, job, chunk, settings.batch_size)
+            write_chunk(chunk_path(settings.jobs_dir, job.id, chunk), arrays)
+            break
+        except Exception as exc:
+            if attempt < settings.chunk_attempts:
+                logger.warning("job %s chunk %d failed (try %d of %d), retrying: %s", job.id, chunk, attempt,
+                               settings.chunk_attempts, exc)
+                time.sleep(RETRY_BACKOFF_S * 2 ** (attempt - 1))
+                continue
+            logger.exception("job %s chunk %d failed %d times; the job fails", job.id, chunk, attempt)
+            first, stop = chunk_bounds(chunk, job.chunk_size, job.n)
+            error = (f"chunk {chunk} (samples {first}..{stop - 1}) failed {attempt} times: "
+                     f"{type(exc).__name__}: {exc}")
+            if client.eval(*end_args(job.id, FAILED, error=error)):
+                client.hincrby(STATS_KEY, "jobs_failed", 1)
             discard_chunks(settings.jobs_dir, job.id)
-            return
-        client.hincrby(STATS_KEY, "images_generated", len(arrays["images"]))
-        if done == job.chunks:
-            _assemble_once(client, settings, job)
-    except Exception as exc:
-        logger.exception("job %s chunk %d failed", job.id, task.chunk)
-        if client.eval(*end_args(job.id, FAILED, error=f"chunk {task.chunk}: {type(exc).__name__}: {exc}")):
-            client.hincrby(STATS_KEY, "jobs_failed", 1)
+            return None
+    done = client.eval(*chunk_done_args(job.id, chunk))
+    if done < 0:
+        # Ended while this chunk rendered: whoever ended the job may have cleared the chunks before it landed.
         discard_chunks(settings.jobs_dir, job.id)
+        return None
+    client.hincrby(STATS_KEY, "images_generated", len(arrays["images"]))
+    return done
 
 
 def _assemble_once(client: redis.Redis, settings: Settings, job: JobSpec) -> None:
-    # The lock expires with the visibility timeout: if this worker dies while assembling, its chunk task
-    # comes back after that timeout and the redelivered task finds the lock free.
+    """Assemble under a lock that lives while this worker does: it expires within the visibility timeout of
+    the worker's death, and the redelivered chunk task then finds it free."""
     lock = client.lock(job_lock_key(job.id), timeout=settings.visibility_timeout_s, blocking=False)
     if not lock.acquire():
         return
+    held = threading.Event()
+    keeper = threading.Thread(target=_keep_lock, args=(lock, held, settings.visibility_timeout_s / 3), daemon=True)
+    keeper.start()
     try:
         if client.hget(job_key(job.id), "state") not in ACTIVE_STATES:
             return
@@ -209,12 +238,22 @@ def _assemble_once(client: redis.Redis, settings: Settings, job: JobSpec) -> Non
         size = sum(path.stat().st_size for path in results)
         if client.eval(*end_args(job.id, SUCCEEDED, result_bytes=str(size))):
             client.hincrby(STATS_KEY, "jobs_succeeded", 1)
-        else:  # cancelled while assembling: no result may appear for a cancelled job
+        elif client.hget(job_key(job.id), "state") == CANCELLED:  # no result may appear for a cancelled job
             for path in results:
                 path.unlink(missing_ok=True)
         discard_chunks(settings.jobs_dir, job.id)
     finally:
+        held.set()
+        keeper.join()
         try:
             lock.release()
         except redis.exceptions.LockError:
-            pass  # expired while assembling; the state transition above already guards against a second result
+            pass  # expired after all; the state transition above already guards against a second result
+
+
+def _keep_lock(lock, released: threading.Event, period: float) -> None:
+    while not released.wait(period):
+        try:
+            lock.reacquire()
+        except redis.exceptions.RedisError:
+            return

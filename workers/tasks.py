@@ -15,7 +15,7 @@ import redis
 from celery import signals
 
 from core.messages import (
-    CHUNK_TASK, RENDER_TASK, STATS_KEY, ChunkTask, MessageSchemaError, RenderBatch, RenderReply, reply_key,
+    CHUNK_TASK, RENDER_TASK, STATS_KEY, BatchReply, ChunkTask, MessageSchemaError, RenderBatch, RenderReply, reply_key,
 )
 from workers.celery_app import app, settings
 from workers.engine import LoadedModels, render_batch
@@ -42,13 +42,11 @@ def start_presence(sender=None, **_) -> None:
     WorkerPresence(models, settings, name=f"{sender}:{os.getpid()}").start()
 
 
-def send_replies(reply_to: list[str], replies: list[RenderReply]) -> None:
-    """Push each answer to its reply list (which expires if its caller has gone), and count the images made."""
+def send_replies(reply_to: str, replies: list[RenderReply]) -> None:
+    """Push a batch's answers to its reply list (which expires if its caller has gone), and count the images made."""
+    key, ttl = reply_key(reply_to), math.ceil(settings.sync_timeout_s) + 60
     pipe = broker_client().pipeline()
-    ttl = math.ceil(settings.sync_timeout_s) + 60
-    for target, reply in zip(reply_to, replies):
-        key = reply_key(target)
-        pipe.rpush(key, json.dumps(reply.to_dict())).expire(key, ttl)
+    pipe.rpush(key, json.dumps(BatchReply(replies).to_dict())).expire(key, ttl)
     rendered = sum(reply.payload["n"] for reply in replies if reply.payload is not None)
     if rendered:
         pipe.hincrby(STATS_KEY, "images_generated", rendered)
@@ -62,8 +60,10 @@ def render(message: dict) -> None:
         batch = RenderBatch.from_dict(message)
     except MessageSchemaError as exc:
         logger.error("refusing a render message: %s", exc)
-        reply_to = message.get("reply_to", []) if isinstance(message, dict) else []
-        send_replies(reply_to, [RenderReply.failure(500, f"the worker refused the request: {exc}")] * len(reply_to))
+        reply_to, count = (message.get("reply_to"), len(message.get("requests", []))) if isinstance(message, dict) \
+            else (None, 0)
+        if isinstance(reply_to, str):
+            send_replies(reply_to, [RenderReply.failure(500, f"the worker refused the request: {exc}")] * max(count, 1))
         return
     send_replies(batch.reply_to, render_batch(models, batch))
 

@@ -1,0 +1,56 @@
+"""Admission and request metrics, as plain ASGI middleware (no per-request task or body buffering).
+
+Admission counts the requests this gateway process is serving; beyond `max_in_flight` a request is answered
+429 with Retry-After before any work, so overload never exhausts Redis connections, memory or the event loop.
+Liveness, readiness and metrics are always answered, so an overloaded gateway still reports on itself.
+"""
+from __future__ import annotations
+
+import json
+import time
+
+from service.metrics import GatewayMetrics
+
+ALWAYS_ADMITTED = frozenset({"/healthz", "/readyz", "/metrics"})
+
+
+class AdmissionAndMetrics:
+    def __init__(self, app, max_in_flight: int, metrics: GatewayMetrics):
+        self.app, self.max_in_flight, self.metrics = app, max_in_flight, metrics
+        self.in_flight = 0
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def observed_send(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        admitted = scope["path"] in ALWAYS_ADMITTED or self.in_flight < self.max_in_flight
+        try:
+            if not admitted:
+                await self.refuse(observed_send)
+                return
+            self.in_flight += 1
+            try:
+                await self.app(scope, receive, observed_send)
+            finally:
+                self.in_flight -= 1
+        finally:
+            route = scope.get("route")
+            self.metrics.observe(route.path if route else "unmatched", scope["method"], status,
+                                 time.perf_counter() - started)
+
+    async def refuse(self, send) -> None:
+        body = json.dumps({"error": f"this gateway is serving {self.in_flight} requests, its maximum "
+                                   f"(SKDCGN_MAX_IN_FLIGHT={self.max_in_flight}); retry shortly"}).encode()
+        await send({"type": "http.response.start", "status": 429, "headers": [
+            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+            (b"retry-after", b"1")]})
+        await send({"type": "http.response.body", "body": body})

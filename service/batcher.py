@@ -1,0 +1,92 @@
+"""Batching across requests, in the gateway, before Celery: concurrent cache misses share one onnxruntime call.
+
+A miss joins the pending batch. The batch goes to a worker as one task when no batch is being rendered (an idle
+service adds no delay), when its oldest request has waited `batch_window_ms`, or when it holds
+`max_batch_samples` images. The worker renders it in one call of the graphs per model version and answers all
+its requests in one reply; each caller gets its own images, exactly those it would get alone, since every sample
+draws its noise from its own seed. While Redis is down, every waiting request is answered 503 at once.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+from core.messages import RENDER_TASK, RenderBatch, RenderReply, RenderRequest
+from core.settings import Settings
+from service.broker import Broker, ServiceError
+
+Waiting = tuple[RenderRequest, asyncio.Future]
+
+
+class RenderBatcher:
+    def __init__(self, broker: Broker, settings: Settings):
+        self.broker, self.settings = broker, settings
+        self.window_s = settings.batch_window_ms / 1000.0
+        self.pending: list[Waiting] = []
+        self.pending_samples = 0
+        self.oldest = 0.0  # when the oldest pending request arrived (monotonic)
+        self.timer: asyncio.TimerHandle | None = None
+        self.in_flight: dict[asyncio.Task, list[Waiting]] = {}
+
+    async def render(self, request: RenderRequest) -> RenderReply:
+        """The worker's answer to `request`, rendered in a batch with whatever else arrived meanwhile."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        if not self.pending:
+            self.oldest = time.monotonic()
+        self.pending.append((request, future))
+        self.pending_samples += request.n
+        if self.pending_samples >= self.settings.max_batch_samples or not self.in_flight or self.window_s == 0:
+            self.dispatch()
+        elif self.timer is None:
+            self.timer = loop.call_at(loop.time() + self.window_s - (time.monotonic() - self.oldest), self.dispatch)
+        return await future
+
+    def dispatch(self) -> None:
+        """Send the pending requests as one task (no-op when none wait)."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if not self.pending:
+            return
+        items, self.pending, self.pending_samples = self.pending, [], 0
+        task = asyncio.create_task(self._render_batch(items))
+        self.in_flight[task] = items
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task) -> None:
+        self.in_flight.pop(task, None)
+        if self.pending and not self.in_flight:
+            self.dispatch()  # the workers are free again: what waited goes now
+
+    async def _render_batch(self, items: list[Waiting]) -> None:
+        batch = RenderBatch([request for request, _ in items], uuid.uuid4().hex)
+        try:
+            # Expiring with the timeout: a worker that reaches the task after its callers gave up skips it.
+            await self.broker.send(RENDER_TASK, [(batch.reply_to, batch.to_dict())],
+                                   expires=self.settings.sync_timeout_s)
+            replies = (await self.broker.wait_batch(batch.reply_to)).replies
+        except ServiceError as exc:
+            self._fail(items, exc)
+            return
+        for (_, future), reply in zip(items, replies):
+            if not future.done():  # a caller that went away cancelled its future
+                future.set_result(reply)
+
+    @staticmethod
+    def _fail(items: list[Waiting], error: Exception) -> None:
+        for _, future in items:
+            if not future.done():
+                future.set_exception(error)
+
+    def fail_all(self, error: ServiceError) -> None:
+        """Answer every waiting request with `error` now (Redis went down: their replies may never come)."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        items, self.pending, self.pending_samples = self.pending, [], 0
+        self._fail(items, error)
+        for task, waiting in list(self.in_flight.items()):
+            task.cancel()
+            self._fail(waiting, error)
