@@ -1,9 +1,12 @@
-"""`make run`: Redis (started only if none answers), one Celery worker and the gateway on localhost.
+"""`make run`: Redis (started only if none answers), Celery workers and the gateway on localhost, supervised.
 
-Prints the URL once the worker has loaded the default model; Ctrl-C stops everything it started (the
-children run in their own sessions, so the terminal's Ctrl-C reaches only this supervisor, which stops
-them in order). The process helpers here are the ones the tests use to start real servers.
-Usage: python -m service.run_local [--host 127.0.0.1] [--port 8000]
+Prints the URL once a worker has loaded the default model. A worker that exits is restarted (with a backoff
+of 1 s doubling to 30 s while it keeps crashing); the gateway or Redis exiting stops everything. SIGINT
+(Ctrl-C), SIGTERM or SIGHUP, to this process or to its whole process group, stops every child within 10 s:
+the children run in their own sessions, so signals to the terminal's or `make`'s process group reach only
+this supervisor, which stops them all. The process helpers here are the ones the tests use to start real
+servers.
+Usage: python -m service.run_local [--host 127.0.0.1] [--port 8000] [--workers 1] [--logs runs/service]
 """
 from __future__ import annotations
 
@@ -96,28 +99,161 @@ def wait_until(condition: Callable[[], bool], timeout: float, what: str, process
 
 
 def stop(processes: list[subprocess.Popen], timeout: float = 15.0) -> None:
-    """SIGTERM (a Celery worker finishes its current task), then SIGKILL whatever is still running."""
+    """SIGTERM all of `processes` at once (a Celery worker finishes its current task), wait up to `timeout`
+    seconds in total, then SIGKILL whatever is still running."""
+    processes = [process for process in processes if process is not None]
     for process in processes:
         if process.poll() is None:
-            process.terminate()
+            try:
+                process.terminate()
+            except ProcessLookupError:
+                pass
+    deadline = time.monotonic() + timeout
     for process in processes:
         try:
-            process.wait(timeout=timeout)
+            process.wait(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            process.kill()
+            pass
+    for process in processes:
+        if process.poll() is None:
+            try:
+                process.kill()
+            except ProcessLookupError:
+                pass
             process.wait()
 
 
-def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt
+READY_TIMEOUT_S = 120.0
+STOP_TIMEOUT_S = 8.0  # SIGTERM to SIGKILL: the whole shutdown stays within 10 s
+RESTART_DELAY_S = (1.0, 30.0)  # a worker's first restart delay, doubling up to the second while it crash-loops
+STABLE_AFTER_S = 60.0  # a worker up this long is not crash-looping: its next restart waits RESTART_DELAY_S[0] again
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class Stopped(Exception):
+    """A stop signal arrived."""
+
+
+def say(message: str, stream: IO | None = None) -> None:
+    """One line on stdout (or `stream`); a closed terminal or pipe must not break the supervisor."""
+    try:
+        print(message, file=stream or sys.stdout, flush=True)
+    except (OSError, ValueError):
+        pass
+
+
+class Worker:
+    """One supervised Celery worker: its process (None while it waits to be restarted) and its backoff."""
+
+    def __init__(self, name: str, log: Path):
+        self.name, self.log = name, log
+        self.process: subprocess.Popen | None = None
+        self.started_at = 0.0
+        self.restart_at = 0.0
+        self.delay = RESTART_DELAY_S[0]
+
+
+class Supervisor:
+    """Starts Redis (when needed), the workers and the gateway; restarts workers; stops everything on a signal.
+
+    The signal handler only records the signal: nothing is interrupted half-way (a Popen, a clean-up), and a
+    second signal during the shutdown changes nothing."""
+
+    def __init__(self, host: str, port: int, workers: int, logs: Path, settings: Settings):
+        self.host, self.port, self.logs, self.settings = host, port, logs, settings
+        self.url = f"http://{host}:{port}"
+        self.env = service_env()
+        self.workers = [Worker(f"worker{i}", logs / ("worker.log" if workers == 1 else f"worker{i}.log"))
+                        for i in range(1, workers + 1)]
+        self.fatal: dict[str, subprocess.Popen] = {}  # redis (when started here) and the gateway
+        self.signal: int | None = None
+
+    def on_signal(self, signum, frame) -> None:
+        if self.signal is None:
+            self.signal = signum
+
+    def check(self) -> None:
+        if self.signal is not None:
+            raise Stopped
+        for name, process in self.fatal.items():
+            if process.poll() is not None:
+                raise StartupError(f"{name} exited with code {process.returncode}; see {self.logs / name}.log")
+
+    def pause(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while self.signal is None and time.monotonic() < deadline:
+            time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
+
+    def children(self) -> list[subprocess.Popen]:
+        return [worker.process for worker in self.workers if worker.process] + list(self.fatal.values())
+
+    def start_worker(self, worker: Worker) -> None:
+        with open(worker.log, "ab") as log:
+            worker.process = start_worker(self.env, log, worker.name)
+        worker.started_at = time.monotonic()
+
+    def supervise_workers(self) -> None:
+        now = time.monotonic()
+        for worker in self.workers:
+            if worker.process is not None and worker.process.poll() is not None:
+                if now - worker.started_at >= STABLE_AFTER_S:
+                    worker.delay = RESTART_DELAY_S[0]
+                say(f"{worker.name} (pid {worker.process.pid}) exited with code {worker.process.returncode}; "
+                    f"restarting it in {worker.delay:g} s (log: {worker.log})")
+                worker.process, worker.restart_at = None, now + worker.delay
+                worker.delay = min(worker.delay * 2, RESTART_DELAY_S[1])
+            elif worker.process is None and now >= worker.restart_at:
+                self.start_worker(worker)
+                say(f"{worker.name} restarted (pid {worker.process.pid})")
+
+    def run(self) -> None:
+        if not redis_answers(self.settings.redis_url):
+            location = urlsplit(self.settings.redis_url)
+            if location.hostname not in ("127.0.0.1", "localhost"):
+                raise StartupError(f"no Redis answers at {self.settings.redis_url}")
+            with open(self.logs / "redis.log", "ab") as log:
+                self.fatal["redis"] = start_redis(location.port or 6379, log)
+            say(f"redis started (pid {self.fatal['redis'].pid}, port {location.port or 6379})")
+            deadline = time.monotonic() + 10
+            while not redis_answers(self.settings.redis_url):
+                self.check()
+                if time.monotonic() > deadline:
+                    raise StartupError(f"timed out after 10 s waiting for Redis; see {self.logs}/redis.log")
+                self.pause(0.1)
+        for worker in self.workers:
+            self.start_worker(worker)
+            say(f"{worker.name} started (pid {worker.process.pid})")
+        with open(self.logs / "gateway.log", "ab") as log:
+            self.fatal["gateway"] = start_gateway(self.host, self.port, self.env, log)
+        say(f"gateway started (pid {self.fatal['gateway'].pid})")
+        ready_by = time.monotonic() + READY_TIMEOUT_S
+        ready = False
+        while True:
+            self.check()
+            self.supervise_workers()
+            if not ready:
+                if http_status(f"{self.url}/readyz") == 200:
+                    ready = True
+                    say(f"SKDCGN service ready at {self.url} (API docs: {self.url}/docs; logs in {self.logs}/). "
+                        "Ctrl-C stops it.")
+                elif time.monotonic() > ready_by:
+                    raise StartupError(f"timed out after {READY_TIMEOUT_S:g} s waiting for a worker to load the "
+                                       f"model; see {self.workers[0].log}")
+            self.pause(0.2 if not ready else 0.5)
+
+    def shutdown(self) -> None:
+        stop(self.children(), STOP_TIMEOUT_S)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m service.run_local", description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--workers", type=int, default=1, help="Celery worker processes (default 1)")
     parser.add_argument("--logs", default="runs/service", help="folder for the Redis, worker and gateway logs")
     args = parser.parse_args(argv)
+    if args.workers < 1:
+        parser.error("--workers must be at least 1")
     settings = Settings.from_env()
     try:
         latest_version(settings.models_dir, settings.default_model)
@@ -126,40 +262,22 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logs = Path(args.logs)
     logs.mkdir(parents=True, exist_ok=True)
-    started: list[subprocess.Popen] = []
-    # Installed explicitly: a shell that starts us in the background leaves SIGINT ignored. `kill` (SIGTERM)
-    # stops the children as cleanly as Ctrl-C.
-    signal.signal(signal.SIGINT, _interrupt)
-    signal.signal(signal.SIGTERM, _interrupt)
+    supervisor = Supervisor(args.host, args.port, args.workers, logs, settings)
+    # Installed explicitly (a shell that starts us in the background leaves SIGINT ignored), and they only
+    # record the signal: `make` forwards SIGTERM to us when its process group gets one, so a second signal
+    # arrives while we clean up, and it must not cut the clean-up short.
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, supervisor.on_signal)
     try:
-        watched = {}
-        if not redis_answers(settings.redis_url):
-            location = urlsplit(settings.redis_url)
-            if location.hostname not in ("127.0.0.1", "localhost"):
-                raise StartupError(f"no Redis answers at {settings.redis_url}")
-            watched["redis"] = start_redis(location.port or 6379, open(logs / "redis.log", "ab"))
-            started.append(watched["redis"])
-            wait_until(lambda: redis_answers(settings.redis_url), 10, "Redis", watched)
-        env = service_env()
-        watched["worker"] = start_worker(env, open(logs / "worker.log", "ab"))
-        watched["gateway"] = start_gateway(args.host, args.port, env, open(logs / "gateway.log", "ab"))
-        started += [watched["worker"], watched["gateway"]]
-        url = f"http://{args.host}:{args.port}"
-        wait_until(lambda: http_status(f"{url}/readyz") == 200, 120, "the worker to load the model", watched)
-        print(f"SKDCGN service ready at {url} (API docs: {url}/docs; logs in {logs}/). Ctrl-C stops it.", flush=True)
-        while all(process.poll() is None for process in watched.values()):
-            time.sleep(0.5)
-        failed = next(name for name, process in watched.items() if process.poll() is not None)
-        raise StartupError(f"{failed} exited with code {watched[failed].returncode}; see {logs}/{failed}.log")
-    except KeyboardInterrupt:
-        print("\nstopping ...", flush=True)
+        supervisor.run()
+    except Stopped:
+        say(f"\nstopping ({signal.Signals(supervisor.signal).name}) ...")
         return 0
     except StartupError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        say(f"error: {exc}; stopping everything", sys.stderr)
         return 1
     finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean-up short
-        stop(list(reversed(started)))
+        supervisor.shutdown()
 
 
 if __name__ == "__main__":
