@@ -34,7 +34,7 @@ from core.settings import Paths
 from training.evaluation import report
 from training.evaluation.sources import teacher_for_family
 from training.plots import save_figure
-from training.export import FusedStudents, _export, _parity
+from training.export import FusedStudents, check_parity, export_graph
 from training.students import StudentConfig, TinyGenerator
 from training.teachers import load_teacher
 
@@ -130,16 +130,16 @@ def export_teacher(modules: dict[str, nn.Module], out_dir: Path, noise: NoiseSpe
     paths = {}
     for m, module in modules.items():
         paths[m] = out_dir / f"teacher_{m}.onnx"
-        _export(module, (torch.from_numpy(z), torch.from_numpy(y)), ["z", "y"], [OUTPUT_NAMES[m]], paths[m])
-        _parity(paths[m], module, {"z": z, "y": y}, [OUTPUT_NAMES[m]], sizes)
+        export_graph(module, (torch.from_numpy(z), torch.from_numpy(y)), ["z", "y"], [OUTPUT_NAMES[m]], paths[m])
+        check_parity(paths[m], module, {"z": z, "y": y}, [OUTPUT_NAMES[m]], sizes)
     if not fused:
         return paths
     names = [f"{kind}_{m}" for m in MECHANISMS for kind in ("z", "y")]
     values = [v for m in MECHANISMS for v in (z, y)]
     paths["fused"] = out_dir / "teacher_fused.onnx"
     fused = FusedStudents(modules).eval()
-    _export(fused, tuple(torch.from_numpy(v) for v in values), names, list(OUTPUT_NAMES.values()), paths["fused"])
-    _parity(paths["fused"], fused, dict(zip(names, values)), list(OUTPUT_NAMES.values()), sizes)
+    export_graph(fused, tuple(torch.from_numpy(v) for v in values), names, list(OUTPUT_NAMES.values()), paths["fused"])
+    check_parity(paths["fused"], fused, dict(zip(names, values)), list(OUTPUT_NAMES.values()), sizes)
     return paths
 
 

@@ -15,13 +15,14 @@ import uuid
 from core.messages import RENDER_TASK, RenderBatch, RenderReply, RenderRequest
 from core.settings import Settings
 from service.broker import Broker, ServiceError
+from service.metrics import GatewayMetrics
 
 Waiting = tuple[RenderRequest, asyncio.Future]
 
 
 class RenderBatcher:
-    def __init__(self, broker: Broker, settings: Settings):
-        self.broker, self.settings = broker, settings
+    def __init__(self, broker: Broker, settings: Settings, metrics: GatewayMetrics):
+        self.broker, self.settings, self.metrics = broker, settings, metrics
         self.window_s = settings.batch_window_ms / 1000.0
         self.pending: list[Waiting] = []
         self.pending_samples = 0
@@ -51,6 +52,7 @@ class RenderBatcher:
         if not self.pending:
             return
         items, self.pending, self.pending_samples = self.pending, [], 0
+        self.metrics.batch_requests.observe(len(items))
         task = asyncio.create_task(self._render_batch(items))
         self.in_flight[task] = items
         task.add_done_callback(self._finished)

@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 JOB_EVENTS = ("submitted", "succeeded", "failed", "cancelled")
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
@@ -51,6 +52,8 @@ class GatewayMetrics:
                                  buckets=LATENCY_BUCKETS, registry=self.registry)
         self.cache_hits = Counter("skdcgn_cache_hits", "batch-cache hits", ["endpoint"], registry=self.registry)
         self.cache_misses = Counter("skdcgn_cache_misses", "batch-cache misses", ["endpoint"], registry=self.registry)
+        self.batch_requests = Histogram("skdcgn_render_batch_requests", "requests rendered together in one task",
+                                        buckets=BATCH_BUCKETS, registry=self.registry)
         self.cluster = ClusterCollector()
         self.registry.register(self.cluster)
 

@@ -1,4 +1,4 @@
-"""Students, the four loss terms, the sample bank and `training/distill.py` end to end on CPU."""
+"""Students, the four loss terms, the sample bank, recipes and `training/distill.py` end to end on CPU."""
 from __future__ import annotations
 
 import csv
@@ -8,12 +8,17 @@ import shutil
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from core.manifest import load_manifest, verify_files
 from training import distill, export, losses, students
 from training.bank import Bank
+from training.package import student_configs
+from training.recipe import (
+    DEFAULT_PRESET, Recipe, RecipeChanges, RecipeError, StudentPreset, load_preset, load_recipe, preset_names,
+)
 from training.students import HEADS, ProjectionDiscriminator, StudentConfig, TinyGenerator, count_parameters
-from tests.paths import TEACHERS_DIR, needs_shared
+from tests.paths import REPO, TEACHERS_DIR, needs_shared
 
 TEACHER_PARAMETERS = 659_992
 
@@ -115,9 +120,9 @@ def test_parity_check_catches_a_frozen_batch_axis(tmp_path):
     module = FrozenBatch()
     feeds = {"z": np.zeros((export.PARITY_BATCH, 32), np.float32), "y": np.zeros(export.PARITY_BATCH, np.int64)}
     path = tmp_path / "frozen.onnx"
-    export._export(module, tuple(torch.from_numpy(v) for v in feeds.values()), ["z", "y"], ["mask"], path)
+    export.export_graph(module, tuple(torch.from_numpy(v) for v in feeds.values()), ["z", "y"], ["mask"], path)
     with pytest.raises(export.ParityError, match=f"fails at batch {export.PARITY_SECOND_BATCH}"):
-        export._parity(path, module, feeds, ["mask"])
+        export.check_parity(path, module, feeds, ["mask"])
 
 
 def tiny_args(tmp_path, out, *extra):
@@ -216,3 +221,152 @@ def test_failed_parity_check_refuses_to_finish(tmp_path, capsys, monkeypatch):
     assert "differs from PyTorch" in capsys.readouterr().err
     assert not out.exists() and not (out.parent / "LATEST").exists()
     assert not out.parent.exists() or not any(out.parent.iterdir())
+
+
+MNIST_PRESET = {"channels": [64, 32, 16, 8], "embed_dim": 32, "upsample": "nearest"}
+TOY_WEIGHTS = {"pix": 1.0, "pix_decay": 0.0, "adv": 0.01, "feat": 1.0, "kl": 1.0,
+               "feature_layers": [0.1, 0.1, 0.2, 0.3, 1.0]}
+
+
+@pytest.fixture
+def toy_recipe(tmp_path):
+    """A two-stage recipe small enough to run end to end in seconds: a narrow shape student beside wider texture
+    and background students (background's upsampling left to the teacher's preset), a cosine second stage."""
+    recipe = {
+        "name": "toy", "notes": "two tiny stages",
+        "students": {"shape": {"channels": [16, 8, 8, 8], "embed_dim": 8, "upsample": "nearest"},
+                     "texture": {"channels": [32, 16, 16, 8], "embed_dim": 8, "upsample": "bilinear"},
+                     "background": {"channels": [32, 16, 16, 8], "embed_dim": 8}},
+        "discriminator_channels": [8, 8, 16, 16, 16], "seed": 3, "bank_size": 96, "heldout": 32,
+        "stages": [
+            {"name": "fast", "steps": {"shape": 3, "texture": 2, "background": 2}, "lr": "5e-4", "batch_size": 16,
+             "weights": TOY_WEIGHTS},
+            {"name": "slow", "steps": {"shape": 2, "texture": 1}, "lr": 1e-4, "lr_schedule": "cosine", "batch_size": 8,
+             "weights": TOY_WEIGHTS},
+        ],
+    }
+    path = tmp_path / "toy.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def recipe_args(tmp_path, out, work="work", *extra):
+    return [
+        "--teacher", "double_colored", "--teacher-path", str(TEACHERS_DIR), "--out", str(out), "--chunk-size", "48",
+        "--bank-dir", str(tmp_path / "bank"), "--work-dir", str(tmp_path / work), "--checkpoint-every", "2",
+        "--log-every", "1", *extra,
+    ]
+
+
+def test_default_recipe_is_the_one_double_colored_v2_shipped_with():
+    shipped = load_recipe(REPO / "models" / "double_colored_mnist" / "v2")
+    assert load_preset(DEFAULT_PRESET).resolve(MNIST_PRESET, 50000) == shipped
+    assert [(stage.lr, stage.steps) for stage in shipped.stages] == [
+        (5e-4, {"shape": 8000, "texture": 2500, "background": 2500}), (2e-4, {"texture": 2500, "background": 2500}),
+        (1e-4, {"shape": 4500}), (5e-5, {"shape": 2500})]
+    tinygan = load_preset("tinygan").stages
+    assert len(tinygan) == 1 and (tinygan[0].lr, tinygan[0].weights.pix, tinygan[0].weights.kl) == (2e-4, 0.2, 0.1)
+    assert set(preset_names()) >= {DEFAULT_PRESET, "tinygan"}
+
+
+@pytest.mark.parametrize("manifest", sorted((REPO / "models").glob("*/v*/manifest.json")), ids=lambda p: p.parent.name)
+def test_every_shipped_version_records_a_recipe_matching_its_training(manifest):
+    recorded = json.loads(manifest.read_text())
+    recipe = load_recipe(manifest.parent)
+    recipe.validate()
+    assert recipe.notes and {m: recipe.total_steps(m) for m in HEADS} == recorded["training"]["steps"]
+    assert all(preset.channels == recorded["training"]["student"]["channels"] for preset in recipe.students.values())
+
+
+def test_recipe_files_round_trip_and_refuse_typos(tmp_path, toy_recipe):
+    recipe = load_recipe(toy_recipe)
+    assert recipe.stages[0].lr == 5e-4  # YAML reads 5e-4 as a string; the recipe reads it as a number
+    assert recipe.students["background"].upsample is None  # left to the teacher
+    (tmp_path / "toy.json").write_text(json.dumps(recipe.to_dict()))
+    assert load_recipe(tmp_path / "toy.json") == recipe == Recipe.from_dict(recipe.to_dict())
+    with pytest.raises(RecipeError, match="unknown key.*lamda_kl"):
+        Recipe.from_dict({"name": "typo", "stages": [{"name": "a", "steps": {"shape": 1}, "weights": {"lamda_kl": 1}}]})
+    with pytest.raises(RecipeError, match="one weight per discriminator layer"):
+        Recipe.from_dict({**recipe.to_dict(), "discriminator_channels": [8, 8]}).validate()
+
+
+def test_command_line_edits_build_one_stage_or_add_a_stage_on_resume(tmp_path):
+    default = load_preset(DEFAULT_PRESET)
+    quick = RecipeChanges(steps={"shape": 4}, lr=1e-3).apply(default, resuming=False, replaceable=True)
+    assert len(quick.stages) == 1 and quick.stages[0].lr == 1e-3 and quick.stages[0].weights.kl == 1.0
+    assert quick.stages[0].steps == {"shape": 4, "texture": 4, "background": 4} and "command line" in quick.notes
+    with pytest.raises(RecipeError, match="ambiguous for the 4 stages"):
+        RecipeChanges(lr=1e-3).apply(default, resuming=False, replaceable=False)
+    wider = RecipeChanges(student=StudentPreset(channels=[32, 16, 16, 8])).apply(default, False, False)
+    assert len(wider.stages) == 4 and all(p.channels == [32, 16, 16, 8] for p in wider.students.values())
+
+    started = quick.resolve(MNIST_PRESET, 96)  # as saved beside checkpoints at step 4
+    longer = RecipeChanges(steps={"shape": 6}).apply(started, resuming=True, replaceable=False)
+    assert len(longer.stages) == 1 and longer.stages[0].steps == {"shape": 6, "texture": 4, "background": 4}
+    annealed = RecipeChanges(steps={"shape": 9}, lr=1e-4).apply(started, resuming=True, replaceable=False)
+    assert [(s.lr, s.steps) for s in annealed.stages] == [(1e-3, started.stages[0].steps), (1e-4, {"shape": 5})]
+    annealed.check_continues(started, {"shape": 4}, tmp_path)
+    with pytest.raises(RecipeError, match="first 4 shape steps"):
+        RecipeChanges(lr=5e-4).apply(started, False, False).check_continues(started, {"shape": 4}, tmp_path)
+    with pytest.raises(RecipeError, match="give --steps"):
+        RecipeChanges(lr=1e-4).apply(started, resuming=True, replaceable=False)
+
+
+@needs_shared
+def test_two_stage_recipe_runs_records_both_stages_and_loads_back(tmp_path, toy_recipe):
+    out = tmp_path / "models" / "double_colored_mnist" / "t1"
+    assert distill.main(recipe_args(tmp_path, out, "work", "--recipe", str(toy_recipe))) == 0
+    manifest = load_manifest(out)
+    recorded = manifest["recipe"]
+    stages = [(s["name"], s["lr"], s["batch_size"]) for s in recorded["stages"]]
+    assert stages == [("fast", 5e-4, 16), ("slow", 1e-4, 8)]
+    assert recorded["students"]["background"] == {"channels": [32, 16, 16, 8], "embed_dim": 8, "upsample": "nearest"}
+    assert recorded["bank_size"] == 96 and recorded["notes"] == "two tiny stages"
+    assert json.loads((tmp_path / "work" / "recipe.json").read_text()) == recorded
+    assert manifest["training"]["steps"] == {"shape": 5, "texture": 3, "background": 2}
+    configs = student_configs(manifest)
+    assert configs["shape"].channels == [16, 8, 8, 8] and configs["texture"].upsample == "bilinear"
+    assert "student" not in manifest["training"]  # no one config for all: per mechanism under `students`
+    assert manifest["student_parameters"]["shape"] < manifest["student_parameters"]["texture"]
+    with open(out / "losses.csv") as handle:
+        shape_rows = [row for row in csv.DictReader(handle) if row["mechanism"] == "shape"]
+    assert [(row["stage"], int(row["step"])) for row in shape_rows] == [
+        ("fast", 0), ("fast", 1), ("fast", 2), ("slow", 3), ("slow", 4)]
+    assert [float(row["lr"]) for row in shape_rows[2:]] == pytest.approx([5e-4, 1e-4, 5e-5])  # cosine in "slow"
+    assert torch.load(tmp_path / "work" / "texture.pt", weights_only=False)["step"] == 3
+
+    # --recipe <version folder> reads the manifest's recipe back; on the same checkpoints nothing is left to train.
+    again = tmp_path / "models" / "double_colored_mnist" / "t2"
+    assert distill.parse_args(recipe_args(tmp_path, again, "work", "--recipe", str(out))).recipe.to_dict() == recorded
+    assert distill.main(recipe_args(tmp_path, again, "work", "--recipe", str(out), "--resume")) == 0
+    rerun = load_manifest(again)
+    assert rerun["recipe"] == recorded and rerun["metrics"] == manifest["metrics"]
+
+
+@needs_shared
+def test_interrupted_recipe_resumes_at_its_stage_and_step(tmp_path, toy_recipe, monkeypatch):
+    only_shape = ["--recipe", str(toy_recipe), "--mechanisms", "shape"]
+    assert distill.main(recipe_args(tmp_path, tmp_path / "a" / "t1", "whole", *only_shape)) == 0
+
+    pixel_l1, calls = losses.pixel_l1, []
+
+    def interrupted(*tensors):
+        calls.append(1)
+        if len(calls) == 5:  # shape's step 4: the second step of stage "slow"
+            raise KeyboardInterrupt
+        return pixel_l1(*tensors)
+
+    monkeypatch.setattr(losses, "pixel_l1", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        distill.main(recipe_args(tmp_path, tmp_path / "a" / "t2", "cut", *only_shape, "--checkpoint-every", "1"))
+    monkeypatch.setattr(losses, "pixel_l1", pixel_l1)
+    assert torch.load(tmp_path / "cut" / "shape.pt", weights_only=False)["step"] == 4
+    # No --recipe: the run goes on by the recipe.json beside its checkpoints.
+    assert distill.main(recipe_args(tmp_path, tmp_path / "a" / "t2", "cut", "--resume")) == 0
+
+    whole, cut = (torch.load(tmp_path / work / "shape.pt", weights_only=False) for work in ("whole", "cut"))
+    assert cut["step"] == 5
+    trail = lambda log: [(row["stage"], row["step"], row["lr"]) for row in log]  # noqa: E731
+    assert trail(cut["log"]) == trail(whole["log"])
+    for name, tensor in whole["student"].items():
+        assert torch.equal(tensor, cut["student"][name]), name

@@ -16,8 +16,8 @@ import numpy as np
 from tqdm import tqdm
 
 from core.atomic import atomic_directory, write_text_atomic
+from core.manifest import MECHANISM_OUTPUTS
 
-OUTPUT_KEY = {"shape": "mask", "texture": "texture", "background": "background"}
 SPLIT_STREAM = {"train": 0, "heldout": 1}
 
 
@@ -84,7 +84,7 @@ def generate_bank(
                 np.save(tmp / "z.npy", z)
                 np.save(tmp / "y.npy", y)
                 for mechanism in spec.mechanisms:
-                    np.save(tmp / f"{OUTPUT_KEY[mechanism]}.npy", query(mechanism, z, y).astype(np.float32))
+                    np.save(tmp / f"{MECHANISM_OUTPUTS[mechanism]}.npy", query(mechanism, z, y).astype(np.float32))
     return bank_dir
 
 

@@ -37,7 +37,8 @@ class FusedStudents(nn.Module):
         return self.shape(z_shape, y_shape), self.texture(z_texture, y_texture), self.background(z_background, y_background)
 
 
-def _export(module: nn.Module, inputs: tuple, input_names: list[str], output_names: list[str], path: Path) -> None:
+def export_graph(module: nn.Module, inputs: tuple, input_names: list[str], output_names: list[str], path: Path) -> None:
+    """Trace `module` on `inputs` into an ONNX graph whose batch axis stays dynamic."""
     dynamic_axes = {name: {0: "batch"} for name in input_names + output_names}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -47,8 +48,8 @@ def _export(module: nn.Module, inputs: tuple, input_names: list[str], output_nam
         )
 
 
-def _parity(path: Path, module: nn.Module, feeds: dict[str, np.ndarray], output_names: list[str],
-            sizes: tuple[int, int] = (PARITY_BATCH, PARITY_SECOND_BATCH)) -> float:
+def check_parity(path: Path, module: nn.Module, feeds: dict[str, np.ndarray], output_names: list[str],
+                 sizes: tuple[int, int] = (PARITY_BATCH, PARITY_SECOND_BATCH)) -> float:
     """Max |onnxruntime − PyTorch| over the export batch and a smaller one (`sizes`; feeds hold the first).
 
     The second batch size catches a graph whose batch axis was frozen at trace time, which a check at the
@@ -99,8 +100,8 @@ def export_students(students: dict[str, TinyGenerator], out_dir: str | os.PathLi
         y = rng.integers(0, config.n_classes, PARITY_BATCH).astype(np.int64)
         feeds_all[mechanism] = (z, y)
         path = out_dir / f"{mechanism}.onnx"
-        _export(student, (torch.from_numpy(z), torch.from_numpy(y)), ["z", "y"], [output_name], path)
-        diff = _parity(path, student, {"z": z, "y": y}, [output_name])
+        export_graph(student, (torch.from_numpy(z), torch.from_numpy(y)), ["z", "y"], [output_name], path)
+        diff = check_parity(path, student, {"z": z, "y": y}, [output_name])
         channels = HEADS[mechanism][1]
         blocks["mechanisms"][mechanism] = {
             "file": path.name,
@@ -123,8 +124,8 @@ def export_students(students: dict[str, TinyGenerator], out_dir: str | os.PathLi
             values += list(feeds_all[mechanism])
         path = out_dir / "fused.onnx"
         outputs = [HEADS[m][0] for m in HEADS]
-        _export(fused, tuple(torch.from_numpy(v) for v in values), names, outputs, path)
-        diff = _parity(path, fused, dict(zip(names, values)), outputs)
+        export_graph(fused, tuple(torch.from_numpy(v) for v in values), names, outputs, path)
+        diff = check_parity(path, fused, dict(zip(names, values)), outputs)
         blocks["fused"] = {
             "file": path.name,
             "inputs": {

@@ -14,8 +14,12 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.utils import spectral_norm
 
-HEADS = {"shape": ("mask", 1), "texture": ("texture", 3), "background": ("background", 3)}
+from core.manifest import MECHANISM_OUTPUTS
+
+OUTPUT_CHANNELS = {"shape": 1, "texture": 3, "background": 3}
+HEADS = {m: (MECHANISM_OUTPUTS[m], OUTPUT_CHANNELS[m]) for m in MECHANISM_OUTPUTS}  # output tensor name, channels
 UPSAMPLE_MODES = ("nearest", "bilinear")
+DISCRIMINATOR_CHANNELS = (16, 32, 64, 128, 128)  # five stride-2 convolutions: 32 px down to 1×1
 
 
 @dataclass
@@ -136,7 +140,7 @@ class ProjectionDiscriminator(nn.Module):
 
     def __init__(self, in_channels: int, n_classes: int, channels: list[int] | None = None):
         super().__init__()
-        channels = channels or [16, 32, 64, 128, 128]
+        channels = channels or list(DISCRIMINATOR_CHANNELS)
         widths = [in_channels] + list(channels)
         self.convs = nn.ModuleList(
             spectral_norm(nn.Conv2d(cin, cout, 4, stride=2, padding=1)) for cin, cout in zip(widths[:-1], widths[1:])
