@@ -84,6 +84,8 @@ class Settings:
     default_model: str = "double_colored_mnist"
     max_n: int = 64  # images per synchronous request
     max_job_n: int = 1_000_000
+    max_body_bytes: int = 2 << 20  # request bodies: explicit z for max_n samples of a 128-d noise model fits
+    max_active_jobs_per_key: int = 8  # with api_keys: queued or running jobs per key before POST /jobs answers 429
     queue_bound: int = 64  # interactive tasks waiting before the gateway answers 429
     job_queue_bound: int = 10_000  # job chunks waiting before POST /jobs answers 429
     sync_timeout_s: float = 30.0
@@ -119,6 +121,8 @@ class Settings:
             default_model=_env("DEFAULT_MODEL", cls.default_model),
             max_n=_number("MAX_N", cls.max_n, minimum=1),
             max_job_n=_number("MAX_JOB_N", cls.max_job_n, minimum=1),
+            max_body_bytes=_number("MAX_BODY_BYTES", cls.max_body_bytes, minimum=1),
+            max_active_jobs_per_key=_number("MAX_ACTIVE_JOBS_PER_KEY", cls.max_active_jobs_per_key, minimum=1),
             queue_bound=_number("QUEUE_BOUND", cls.queue_bound, minimum=0),
             job_queue_bound=_number("JOB_QUEUE_BOUND", cls.job_queue_bound, minimum=0),
             sync_timeout_s=_number("SYNC_TIMEOUT_S", cls.sync_timeout_s, float, minimum=0.1),

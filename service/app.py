@@ -12,34 +12,46 @@ import asyncio
 import base64
 import json
 import secrets
-import time
+import shutil
 import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import redis.exceptions
-from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, Query, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.security import APIKeyHeader
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware import Middleware
+from starlette.routing import Match, Route, compile_path
 
 from core.compose import MaskModifiers
 from core.imageio import decode, encode, grid
-from core.jobs import PUBLIC_OWNER, SUCCEEDED, JobSpec, chunk_count, now_iso, owner_of, result_paths, shard_count
+from core.jobs import (
+    ACTIVE_STATES, PUBLIC_OWNER, SUCCEEDED, JobSpec, chunk_count, job_key, jobs_index_key, now_iso, owner_of,
+    result_paths, shard_count,
+)
 from core.manifest import ManifestError, VersionNotFound
 from core.messages import (
-    CHUNK_TASK, INTERACTIVE_QUEUE, JOBS_QUEUE, RENDER_TASK, ChunkTask, RenderBatch, RenderRequest,
+    CHUNK_TASK, INTERACTIVE_QUEUE, JOBS_QUEUE, ChunkTask, RenderRequest,
 )
 from core.noise import MECHANISMS
 from core.settings import Settings
+from service.admission import AdmissionAndMetrics
+from service.batcher import RenderBatcher
 from service.broker import Broker, ServiceError, redis_location, refusals
 from service.catalog import ModelCatalog, ResolvedModel, UnknownModel
 from service.jobstore import JobStore
+from service.limits import BodyLimit, clip, error_response, human_size, json_bodies, short_json
 from service.metrics import GatewayMetrics
 from service.schemas import (
     CounterfactualRequest, JobList, JobRequest, JobState, JobStatus, Mechanism, MechanismRequest, RenderResponse,
+    api_description, error_responses,
 )
 
 RANDOM_SEED_BITS = 32  # seeds the gateway picks stay exact in JavaScript clients
@@ -52,13 +64,25 @@ class Gateway:
     broker: Broker
     metrics: GatewayMetrics
     jobs: JobStore
+    batcher: RenderBatcher
 
 
 def gateway(request: Request) -> Gateway:
     return request.app.state.gateway
 
 
-def job_owner(request: Request, x_api_key: str | None = Header(None)) -> str:
+API_KEY = APIKeyHeader(name="X-API-Key", scheme_name="APIKey", auto_error=False,
+                       description="One of SKDCGN_API_KEYS. When keys are set, the job endpoints need one (each key "
+                                   "sees only its jobs), the rendering endpoints too with "
+                                   "SKDCGN_API_KEYS_FOR_GENERATION, and /readyz and /models name worker hosts "
+                                   "only to a valid key.")
+
+
+def valid_key(keys, x_api_key: str | None) -> bool:
+    return bool(x_api_key) and any(secrets.compare_digest(x_api_key.encode(), key.encode()) for key in keys)
+
+
+def job_owner(request: Request, x_api_key: str | None = Security(API_KEY)) -> str:
     """Whose jobs a request sees. When SKDCGN_API_KEYS is set, job endpoints and downloads need one of its keys,
     and each key sees only its own jobs; without keys every job is public."""
     keys = gateway(request).settings.api_keys
@@ -66,12 +90,26 @@ def job_owner(request: Request, x_api_key: str | None = Header(None)) -> str:
         return PUBLIC_OWNER
     if not x_api_key:
         raise ServiceError(401, "this endpoint needs an API key: send it in the X-API-Key header")
-    if not any(secrets.compare_digest(x_api_key.encode(), key.encode()) for key in keys):
+    if not valid_key(keys, x_api_key):
         raise ServiceError(403, "the X-API-Key header does not hold a valid API key")
     return owner_of(x_api_key)
 
 
-def generation_key(request: Request, x_api_key: str | None = Header(None)) -> None:
+def sees_workers(request: Request, x_api_key: str | None = Security(API_KEY)) -> bool:
+    """Whether the caller may see worker host names and PIDs: anyone without SKDCGN_API_KEYS, else a valid key."""
+    keys = gateway(request).settings.api_keys
+    return not keys or valid_key(keys, x_api_key)
+
+
+def worker_view(workers: list[dict], detailed: bool) -> list[dict]:
+    """The workers' heartbeats, or without host names and PIDs (numbered instead) for a caller without a key."""
+    if detailed:
+        return workers
+    return [{"name": f"#{number}", **{key: value for key, value in worker.items() if key not in ("name", "pid")}}
+            for number, worker in enumerate(workers, 1)]
+
+
+def generation_key(request: Request, x_api_key: str | None = Security(API_KEY)) -> None:
     """With SKDCGN_API_KEYS_FOR_GENERATION, the rendering endpoints need a key as well."""
     if gateway(request).settings.api_keys_for_generation:
         job_owner(request, x_api_key)
@@ -96,15 +134,76 @@ def check_mechanisms(model: ResolvedModel, needed) -> None:
 
 
 def check_labels(model: ResolvedModel, field: str, values) -> None:
+    if len(values) > model.label_count:
+        raise ServiceError(422, f"{field}: {len(values)} labels listed, more than model {model.family}'s "
+                                f"{model.label_count} labels 0..{model.label_count - 1}; list each at most once")
     bad = [value for value in values if not 0 <= value < model.label_count]
     if bad:
-        raise ServiceError(422, f"{field}: label {bad[0]} is out of range; model {model.family} has labels "
+        raise ServiceError(422, f"{field}: label {clip(bad[0])} is out of range; model {model.family} has labels "
                                 f"0..{model.label_count - 1}")
 
 
 def check_n(n: int, maximum: int, hint: str) -> None:
     if n > maximum:
-        raise ServiceError(422, f"n={n} is over this server's maximum of {maximum}{hint}")
+        raise ServiceError(422, f"n={clip(n)} is over this server's maximum of {maximum}{hint}")
+
+
+def check_cursor(cursor: str | None) -> None:
+    if cursor is not None and len(cursor) > CURSOR_MAX:
+        raise ServiceError(422, f"cursor: {clip(cursor)!r} is not a cursor this server returned (next_cursor); "
+                                f"those are under {CURSOR_MAX} characters")
+
+
+CURSOR_MAX = 80
+DISK_MARGIN_BYTES = 64 << 20  # free space a job leaves untouched in the jobs directory
+SAMPLE_ARRAYS_BYTES = 4 * 8  # a sample's labels (3 int64) and index (int64) in the result
+TAR_MEMBER_BYTES = 1024 + 64  # a png job's tar header and padding per PNG, and its labels.csv row
+ACTIVE_SCAN = 500  # newest entries of a key's job index among which its active jobs are counted
+ACTIVE_RETRY_AFTER_S = 10
+
+
+def free_bytes(path: Path) -> int:
+    """Free space of the file system holding `path` (or its nearest existing parent)."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def sample_bytes(model: ResolvedModel, fmt: str) -> int:
+    """A sample's share of a job's result: its 3·H·W uint8 image (a PNG is about that or less), labels and index."""
+    return 3 * model.image_size ** 2 + SAMPLE_ARRAYS_BYTES + (TAR_MEMBER_BYTES if fmt == "png" else 0)
+
+
+def check_disk(gw: Gateway, model: ResolvedModel, n: int, fmt: str) -> None:
+    """507 when the job's result, with the chunk files it is assembled from and a margin, would not fit."""
+    per_sample = 2 * sample_bytes(model, fmt)  # chunk files and the result coexist while the result is written
+    needed, free = n * per_sample + DISK_MARGIN_BYTES, free_bytes(gw.settings.jobs_dir)
+    if needed > free:
+        fits = max(0, (free - DISK_MARGIN_BYTES) // per_sample)
+        raise ServiceError(507, f"a job of n={n} needs about {human_size(needed)} in the jobs directory (its result, "
+                                f"the chunk files it is assembled from and a {human_size(DISK_MARGIN_BYTES)} "
+                                f"margin), and {human_size(free)} are free: ask for n ≤ {fits}, or retry once "
+                                "space is freed (DELETE /jobs/{id} removes an ended job's files)")
+
+
+async def check_active_jobs(gw: Gateway, owner: str) -> None:
+    """429 when the API key already has SKDCGN_MAX_ACTIVE_JOBS_PER_KEY queued or running jobs, counted among its
+    newest ACTIVE_SCAN jobs (its index, newest first). Without API keys there is no key to count for."""
+    cap = gw.settings.max_active_jobs_per_key
+    if not gw.settings.api_keys:
+        return
+    newest = await gw.jobs.redis.zrevrange(jobs_index_key(owner), 0, ACTIVE_SCAN - 1)
+    if len(newest) < cap:
+        return
+    pipe = gw.jobs.redis.pipeline()
+    for job_id in newest:
+        pipe.hget(job_key(job_id), "state")
+    active = sum(state in ACTIVE_STATES for state in await pipe.execute())
+    if active >= cap:
+        raise ServiceError(429, f"this API key has {active} queued or running jobs, the maximum per key "
+                                f"(SKDCGN_MAX_ACTIVE_JOBS_PER_KEY={cap}); retry once one has ended, or cancel one "
+                                "(DELETE /jobs/{id})", {"Retry-After": str(ACTIVE_RETRY_AFTER_S)})
 
 
 def check_z(model: ResolvedModel, field: str, vectors: list[list[float]], n: int) -> None:
@@ -134,17 +233,20 @@ def wants_png(accept: str) -> bool:
     return False
 
 
-def render_response(payload: dict, cached: bool, accept: str) -> Response:
-    headers = {"X-Cache": "hit" if cached else "miss", "X-Seed": str(payload["seed"]),
-               **model_headers(payload["model"], payload["version"], payload["manifest_sha256"])}
+def render_response(request: RenderRequest, payload: str, cached: bool, accept: str) -> Response:
+    """The answer to a render: the payload's JSON text as it was cached (with `cached` added), or one PNG."""
+    headers = {"X-Cache": "hit" if cached else "miss", "X-Seed": str(request.seed),
+               **model_headers(request.family, request.version, request.manifest_sha256)}
     if wants_png(accept):
-        images = [decode(base64.b64decode(image)) for image in payload["images"]]
+        images = [decode(base64.b64decode(image)) for image in json.loads(payload)["images"]]
         picture = images[0] if len(images) == 1 else grid(np.stack(images))
         return Response(encode(picture), media_type="image/png", headers=headers)
-    return JSONResponse({**payload, "cached": cached}, headers=headers)
+    body = f'{payload[:-1]},"cached":{"true" if cached else "false"}}}'  # the payload is a JSON object
+    return Response(body, media_type="application/json", headers=headers)
 
 
 async def render(gw: Gateway, request: RenderRequest, endpoint: str, accept: str) -> Response:
+    """From the batch cache, or rendered by a worker in a batch with other requests (service.batcher)."""
     key = request.cache_key()
     payload = await gw.broker.cache_get(key)
     cached = payload is not None
@@ -153,16 +255,12 @@ async def render(gw: Gateway, request: RenderRequest, endpoint: str, accept: str
     else:
         gw.metrics.cache_misses.labels(endpoint).inc()
         await gw.broker.admit(INTERACTIVE_QUEUE, gw.settings.queue_bound, f"{request.family}/{request.version}")
-        task_id = uuid.uuid4().hex
-        # Expiring with the timeout: a worker that reaches the task after the caller gave up skips it.
-        batch = RenderBatch([request], [task_id])
-        await gw.broker.send(RENDER_TASK, [(task_id, batch.to_dict())], expires=gw.settings.sync_timeout_s)
-        reply = await gw.broker.wait_reply(task_id)
+        reply = await gw.batcher.render(request)
         if reply.error is not None:
             raise ServiceError(reply.status, reply.error)
-        payload = reply.payload
-        await gw.broker.cache_set(key, payload)
-    return render_response(payload, cached, accept)
+        payload = json.dumps(reply.payload, allow_nan=False, separators=(",", ":"))
+        await gw.broker.cache_set(key, payload)  # only successful, encodable answers are cached
+    return render_response(request, payload, cached, accept)
 
 
 PNG_RESPONSES = {200: {"content": {"image/png": {}}, "description": "JSON, or one PNG (a grid when n > 1) "
@@ -212,16 +310,20 @@ async def create_job(body: JobRequest, gw: Gateway = Depends(gateway), owner: st
     model = resolve_model(gw, body.model, body.version)
     check_mechanisms(model, MECHANISMS)
     check_n(body.n, gw.settings.max_job_n, "")
-    choices = {}
+    choices, listed = {}, {}
     for mechanism in MECHANISMS:
         allowed = getattr(body.labels, mechanism)
         if allowed is not None:
             check_labels(model, f"labels.{mechanism}", allowed)
-        choices[mechanism] = sorted(set(allowed)) if allowed is not None else list(range(model.label_count))
+            listed[mechanism] = sorted(set(allowed))  # duplicates dropped, in the spec and the stored request
+        choices[mechanism] = listed.get(mechanism, list(range(model.label_count)))
+    check_disk(gw, model, body.n, body.format)
+    await check_active_jobs(gw, owner)
     await gw.broker.admit(JOBS_QUEUE, gw.settings.job_queue_bound, f"{model.family}/{model.version}")
     seed = pick_seed(body.seed)
-    chunk_size, shard_size = gw.settings.job_chunk_size, gw.settings.job_shard_size
-    request = body.model_dump() | {"model": model.family, "version": model.version, "seed": seed}
+    chunk_size, shard_size = gw.settings.chunk_size_for(model.image_size), gw.settings.job_shard_size
+    request = body.model_dump() | {"model": model.family, "version": model.version, "seed": seed,
+                                   "labels": {mechanism: listed.get(mechanism) for mechanism in MECHANISMS}}
     spec = JobSpec(id=uuid.uuid4().hex, family=model.family, version=model.version,
                    manifest_sha256=model.manifest_sha256, n=body.n, chunk_size=chunk_size,
                    chunks=chunk_count(body.n, chunk_size), shard_size=shard_size,
@@ -240,6 +342,7 @@ async def list_jobs(state: Optional[JobState] = Query(None, description="only jo
                     cursor: Optional[str] = Query(None, description="next_cursor of the previous page"),
                     gw: Gateway = Depends(gateway), owner: str = Depends(job_owner)):
     """Your jobs, newest first, a page at a time; ended jobs stay listed until SKDCGN_JOB_RETENTION_S expires."""
+    check_cursor(cursor)
     return await gw.jobs.page(owner, state, limit, cursor)
 
 
@@ -296,10 +399,11 @@ async def healthz():
 
 
 @router.get("/readyz")
-async def readyz(gw: Gateway = Depends(gateway)):
-    """Ready when Redis answers and a worker has loaded the default model."""
+async def readyz(gw: Gateway = Depends(gateway), detailed: bool = Depends(sees_workers)):
+    """Ready when Redis answers and a worker has loaded the default model. With SKDCGN_API_KEYS set, worker
+    names and PIDs only for a valid X-API-Key."""
     default = gw.settings.default_model
-    workers = await gw.broker.workers()
+    workers = worker_view(await gw.broker.workers(), detailed)
     serving = [w for w in workers if any(name.startswith(default + "/") for name in w["loaded"])]
     body = {"ready": bool(serving), "redis": "ok", "default_model": default, "workers": workers}
     if not serving:
@@ -317,19 +421,20 @@ async def live_workers(gw: Gateway) -> list[dict]:
 
 
 @router.get("/models")
-async def models(gw: Gateway = Depends(gateway)):
-    """Families, versions, labels and manifest essentials; the workers up and their execution provider."""
-    workers = await live_workers(gw)
+async def models(gw: Gateway = Depends(gateway), detailed: bool = Depends(sees_workers)):
+    """Families, versions, labels and manifest essentials; the workers up and their execution provider (with
+    SKDCGN_API_KEYS set, worker names and PIDs only for a valid X-API-Key)."""
+    workers = worker_view(await live_workers(gw), detailed)
     return {"default_model": gw.settings.default_model, "models": gw.catalog.describe(refusals(workers)),
             "workers": workers}
 
 
 @router.get("/models/{family}")
-async def model_versions(family: str, gw: Gateway = Depends(gateway)):
+async def model_versions(family: str, gw: Gateway = Depends(gateway), detailed: bool = Depends(sees_workers)):
     """Every version of a family: creation time, teacher, metrics, noise block, labels, manifest sha256, and
     whether it can be served ("unavailable" with the reason when a worker refuses its files)."""
     try:
-        return gw.catalog.describe_family(family, refusals(await live_workers(gw)))
+        return gw.catalog.describe_family(family, refusals(worker_view(await live_workers(gw), detailed)))
     except UnknownModel as exc:
         raise ServiceError(404, str(exc)) from exc
 
@@ -346,72 +451,111 @@ async def metrics(gw: Gateway = Depends(gateway)):
 
 # --- the application -----------------------------------------------------------------------------------------------
 
+ERRORS_REPORTED = 10  # a 422 lists the first few invalid fields, however many the body has
+MESSAGE_CHARS = 200
+
+
 def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
     errors = exc.errors()
     if any(error["type"] == "json_invalid" for error in errors):
-        detail = "; ".join(str(error.get("ctx", {}).get("error", error["msg"])) for error in errors)
-        return JSONResponse({"error": f"the request body is not valid JSON: {detail}"}, status_code=400)
-    summary = "; ".join(f"{'.'.join(str(part) for part in error['loc'][1:]) or error['loc'][0]}: {error['msg']}"
-                        for error in errors)
-    return JSONResponse({"error": f"invalid request: {summary}", "detail": jsonable(errors)}, status_code=422)
-
-
-def json_safe(value):
-    """`value`, or its repr where JSON cannot carry it (a NaN or an infinity the client sent)."""
-    try:
-        json.dumps(value, allow_nan=False)
-    except (TypeError, ValueError):
-        return repr(value)
-    return value
+        detail = "; ".join(clip(error.get("ctx", {}).get("error", error["msg"]), MESSAGE_CHARS) for error in errors)
+        return error_response(400, f"the request body is not valid JSON: {detail}")
+    shown = jsonable(errors[:ERRORS_REPORTED])
+    more = f" (and {len(errors) - len(shown)} more)" if len(errors) > len(shown) else ""
+    summary = "; ".join(f"{clip('.'.join(str(part) for part in error['loc'][1:]) or error['loc'][0])}: "
+                        f"{error['msg']}" for error in shown)
+    return error_response(422, f"invalid request: {summary}{more}", detail=shown)
 
 
 def jsonable(errors: list[dict]) -> list[dict]:
+    """Validation errors as JSON can carry them, echoing at most a short prefix of any input."""
     def field(key: str, value):
         if key == "ctx":
-            return {k: str(v) for k, v in value.items()}
-        return json_safe(value) if key == "input" else value
+            return {k: clip(v) for k, v in value.items()}
+        if key == "loc":
+            return [part if isinstance(part, int) else clip(part) for part in value]
+        if key == "msg":
+            return clip(value, MESSAGE_CHARS)
+        return short_json(value) if key == "input" else value
 
     return [{key: field(key, value) for key, value in error.items() if key in ("type", "loc", "msg", "input", "ctx")}
             for error in errors]
 
 
+def allowed_methods(request: Request) -> list[str]:
+    """Every method the request's path takes, from the OpenAPI paths (a path has a route per method) and the
+    documentation routes outside them."""
+    path, methods = request.scope["path"], set()
+    for template, operations in request.app.openapi()["paths"].items():
+        if compile_path(template)[0].match(path):
+            methods |= {method.upper() for method in operations if method.upper() in HTTP_METHODS}
+    for route in request.app.router.routes:  # /docs, /openapi.json, ...
+        if isinstance(route, Route) and route.matches(request.scope)[0] != Match.NONE:
+            methods |= route.methods or set()
+    return sorted(methods)
+
+
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """Starlette's and FastAPI's own errors (unknown route, method not allowed, unreadable body) in ErrorBody form."""
+    where = f"{request.method} {clip(request.url.path)}"
+    if exc.status_code == 404:
+        paths = ", ".join(request.app.openapi()["paths"])
+        return error_response(404, f"no route {where}; the routes are {paths} (GET /docs describes them)")
+    if exc.status_code == 405:
+        allowed = allowed_methods(request)
+        return error_response(405, f"{request.method} is not allowed on {clip(request.url.path)}; it takes "
+                                   f"{', '.join(allowed)}", {"Allow": ", ".join(allowed)})
+    if exc.status_code == 400:
+        return error_response(400, f"the request body could not be read as JSON ({clip(exc.detail)})")
+    return error_response(exc.status_code, clip(exc.detail, MESSAGE_CHARS), exc.headers)
+
+
+def internal_error(_: Request, exc: Exception) -> JSONResponse:
+    return error_response(500, f"the gateway failed unexpectedly ({type(exc).__name__}); retry, and report it if it "
+                               "persists")
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings.from_env()
     broker = Broker(settings)
-    gw = Gateway(settings, ModelCatalog(settings.models_dir), broker, GatewayMetrics(),
-                 JobStore(broker.redis, settings.jobs_dir))
+    metrics = GatewayMetrics()
+    gw = Gateway(settings, ModelCatalog(settings.models_dir), broker, metrics, JobStore(broker.redis, settings.jobs_dir),
+                 RenderBatcher(broker, settings, metrics))
+    broker.on_down.append(gw.batcher.fail_all)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
-        cleanup = asyncio.create_task(gw.jobs.cleanup_forever(settings.job_retention_s, settings.cleanup_interval_s))
+        background = [asyncio.create_task(gw.jobs.cleanup_forever(settings.job_retention_s,
+                                                                   settings.cleanup_interval_s)),
+                      asyncio.create_task(broker.probe_forever())]
         yield
-        cleanup.cancel()
+        for task in background:
+            task.cancel()
         await gw.broker.close()
 
     app = FastAPI(title="SKDCGN counterfactual service", version="0.1.0", lifespan=lifespan,
-                  description="Counterfactual images from distilled CGN students: single requests, single "
-                              "mechanisms and bulk dataset jobs.")
+                  description=api_description(settings), responses=error_responses(settings),
+                  dependencies=[Depends(json_bodies)],
+                  middleware=[Middleware(BodyLimit, max_bytes=settings.max_body_bytes)])
     app.state.gateway = gw
     app.include_router(router)
 
-    @app.middleware("http")
-    async def observe(request: Request, call_next):
-        started = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        gw.metrics.observe(route.path if route else "unmatched", request.method, response.status_code,
-                           time.perf_counter() - started)
-        return response
+    app.add_middleware(AdmissionAndMetrics, max_in_flight=settings.max_in_flight, metrics=gw.metrics)
 
     @app.exception_handler(ServiceError)
     async def service_error(_: Request, exc: ServiceError):
-        return JSONResponse({"error": exc.message}, status_code=exc.status, headers=exc.headers)
+        return error_response(exc.status, exc.message, exc.headers)
 
     @app.exception_handler(redis.exceptions.ConnectionError)
     @app.exception_handler(redis.exceptions.TimeoutError)
     async def redis_down(_: Request, exc: redis.exceptions.RedisError):
-        return JSONResponse({"error": f"Redis at {redis_location(settings.redis_url)} is unreachable ({exc}); "
-                                      "retry shortly"}, status_code=503, headers={"Retry-After": "5"})
+        return error_response(503, f"Redis at {redis_location(settings.redis_url)} is unreachable ({exc}); "
+                                   "retry shortly", {"Retry-After": "5"})
 
     app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(Exception, internal_error)
     return app

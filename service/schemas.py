@@ -2,42 +2,63 @@
 
 Types and fixed ranges are checked here; what depends on the model (label count, noise size) or on the
 server's configuration (maximum n) is checked by the endpoint, whose messages name the valid values.
-Unknown fields are rejected, so a misspelt option fails loudly instead of being ignored.
+Unknown fields are rejected, so a misspelt option fails loudly instead of being ignored, and types are strict:
+`true` or "3" is no label, 0 is no boolean (a number field still takes a JSON integer). Every error the gateway
+sends has the body ErrorBody.
 """
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, create_model
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model
 
 from core.compose import MODIFIER_FIELDS
+from core.settings import Settings
 
 Mechanism = Literal["shape", "texture", "background"]
 JobFormat = Literal["npz", "png"]
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 SEED_MAX = 2**63 - 1
-NoiseVectors = list[list[FiniteFloat]]  # n vectors of the manifest's noise dim (checked by the endpoint)
+FLOAT32_MAX = 3.4028235e38
+NAME_MAX = 100  # characters of a model family or version name
+
+
+def within_float32(value: float) -> float:
+    if abs(value) > FLOAT32_MAX:
+        raise ValueError(f"{value:.8g} is outside float32's range: noise values must lie within ±{FLOAT32_MAX!r}")
+    return value
+
+
+Float32 = Annotated[float, Field(allow_inf_nan=False), AfterValidator(within_float32)]
+NoiseVectors = list[list[Float32]]  # n vectors of the manifest's noise dim (checked by the endpoint)
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 # The body of core.compose.MaskModifiers, bounds and descriptions from its one table.
 MaskBody = create_model(
     "MaskBody", __base__=Strict, __doc__="The paper's study of the shape mechanism; every draw is seeded by the "
                                          "request's seed.",
-    **{name: (float, Field(default, ge=low, le=high, description=text))
+    **{name: (float, Field(default, ge=low, le=high, allow_inf_nan=False, description=text))
        for name, ((low, high), default, text) in MODIFIER_FIELDS.items()},
 )
 
 
 class ModelChoice(Strict):
-    model: Optional[str] = Field(None, description="model family; the server's default family when omitted")
-    version: Optional[str] = Field(None, description="pin a version; the family's LATEST when omitted")
+    model: Optional[str] = Field(None, max_length=NAME_MAX,
+                                 description="model family; the server's default family when omitted")
+    version: Optional[str] = Field(None, max_length=NAME_MAX,
+                                   description="pin a version; the family's LATEST when omitted")
 
 
 class CounterfactualRequest(ModelChoice):
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"shape": 3, "texture": 7, "background": 1, "n": 4, "seed": 123, "mask": {"transparency": 0.75},
+         "return_components": True},
+    ]})
+
     shape: int = Field(description="label of the shape (mask) mechanism")
     texture: int = Field(description="label of the texture (foreground) mechanism")
     background: int = Field(description="label of the background mechanism")
@@ -45,22 +66,27 @@ class CounterfactualRequest(ModelChoice):
     seed: Optional[int] = Field(None, ge=0, le=SEED_MAX, description="random when omitted; returned in the answer")
     mask: MaskBody = Field(default_factory=MaskBody)
     z: Optional[dict[Mechanism, NoiseVectors]] = Field(
-        None, description="explicit noise per mechanism: n vectors each; replaces the drawn z, nothing else"
+        None, description="explicit noise per mechanism: n vectors of the model's noise dim each, finite float32 "
+                          "values; replaces the drawn z, nothing else"
     )
     return_components: bool = Field(False, description="also return mask, texture and background as composed")
     return_noise: bool = Field(False, description="also return the z actually used, per mechanism")
 
 
 class MechanismRequest(ModelChoice):
-    label: int
-    n: int = Field(1, ge=1)
-    seed: Optional[int] = Field(None, ge=0, le=SEED_MAX)
-    z: Optional[NoiseVectors] = Field(None, description="explicit noise: n vectors")
+    model_config = ConfigDict(json_schema_extra={"examples": [{"label": 3, "n": 2, "seed": 9}]})
+
+    label: int = Field(description="label of the mechanism (0 .. the model's label count - 1)")
+    n: int = Field(1, ge=1, description="images to draw (at most the server's SKDCGN_MAX_N)")
+    seed: Optional[int] = Field(None, ge=0, le=SEED_MAX, description="random when omitted; returned in the answer")
+    z: Optional[NoiseVectors] = Field(None, description="explicit noise: n vectors of the model's noise dim, finite "
+                                                        "float32 values")
     return_noise: bool = Field(False, description="also return the z actually used")
 
 
 class LabelChoices(Strict):
-    """Labels a job may draw per mechanism; null means every label of the model."""
+    """Labels a job may draw per mechanism; null means every label of the model. A list holds at most the model's
+    label count of labels; duplicates are dropped."""
 
     shape: Optional[list[int]] = Field(None, min_length=1)
     texture: Optional[list[int]] = Field(None, min_length=1)
@@ -68,6 +94,11 @@ class LabelChoices(Strict):
 
 
 class JobRequest(ModelChoice):
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"n": 1000, "seed": 42, "format": "npz", "counterfactuals_per_shape": 2,
+         "labels": {"shape": [0, 1, 2], "texture": [3, 4]}, "mask": {"rotation_deg": 30}},
+    ]})
+
     n: int = Field(ge=1, description="samples in the dataset (at most the server's SKDCGN_MAX_JOB_N)")
     counterfactuals_per_shape: int = Field(
         1, ge=1, description="k: samples i with equal i // k share the shape label and shape z of the group's first"
@@ -116,3 +147,58 @@ class JobStatus(BaseModel):
 class JobList(BaseModel):
     jobs: list[JobStatus] = Field(description="newest first")
     next_cursor: Optional[str] = Field(None, description="pass as ?cursor= for the next page; null on the last")
+
+
+# --- errors ----------------------------------------------------------------------------------------------------------
+
+class ValidationIssue(BaseModel):
+    type: str = Field(description="pydantic's error type, e.g. int_type, missing, extra_forbidden")
+    loc: list[Union[str, int]] = Field(description="where: body, query or path, then the field's path")
+    msg: str
+    input: Optional[Any] = Field(None, description="the offending input, or at most 80 characters of its JSON")
+    ctx: Optional[dict[str, str]] = None
+
+
+class ErrorBody(BaseModel):
+    """The body of every answer other than 2xx."""
+
+    error: str = Field(description="what was wrong, and what is valid")
+    detail: Optional[list[ValidationIssue]] = Field(None, description="with 422 from validation: each invalid field "
+                                                                      "(the first 10)")
+
+
+def error_responses(settings: Settings) -> dict[int, dict]:
+    """OpenAPI `responses` for the errors the gateway answers, each with the ErrorBody schema."""
+    size = settings.max_body_bytes
+    texts = {
+        400: "the body is not valid JSON",
+        401: "with SKDCGN_API_KEYS: no X-API-Key header (job endpoints; the rendering endpoints too with "
+             "SKDCGN_API_KEYS_FOR_GENERATION)",
+        403: "the X-API-Key header holds no valid key",
+        404: "no such route, model family, version, mechanism or job (another key's jobs are not found either)",
+        405: "the route does not take this method; the Allow header lists those it takes",
+        409: "GET /jobs/{job_id}/result: the job has not succeeded (yet)",
+        410: "GET /jobs/{job_id}/result: the result file is gone",
+        413: f"the body is over SKDCGN_MAX_BODY_BYTES ({size} bytes here), by its Content-Length or as streamed",
+        415: "a POST body whose Content-Type is not application/json",
+        422: f"invalid input: types (strict), ranges, n over SKDCGN_MAX_N ({settings.max_n} here) or "
+             f"SKDCGN_MAX_JOB_N ({settings.max_job_n} here), labels outside the model's, z of the wrong shape or "
+             "outside float32",
+        429: f"a queue is over its bound, or (POST /jobs) the key has SKDCGN_MAX_ACTIVE_JOBS_PER_KEY "
+             f"({settings.max_active_jobs_per_key} here) queued or running jobs; see Retry-After",
+        500: "an unexpected failure of the gateway",
+        503: "Redis is unreachable, no worker is up, or the model version is refused by a worker; see Retry-After",
+        504: "no worker answered within SKDCGN_SYNC_TIMEOUT_S",
+        507: "POST /jobs: the job's result would not fit in the free space of the jobs directory",
+    }
+    return {status: {"model": ErrorBody, "description": text} for status, text in texts.items()}
+
+
+def api_description(settings: Settings) -> str:
+    """The OpenAPI description: what the service does and this server's limits."""
+    return ("Counterfactual images from distilled CGN students: single requests, single mechanisms and bulk dataset "
+            "jobs.\n\n"
+            f"Limits of this server: n ≤ {settings.max_n} per synchronous request (SKDCGN_MAX_N), "
+            f"n ≤ {settings.max_job_n} per job (SKDCGN_MAX_JOB_N), request bodies ≤ {settings.max_body_bytes} bytes "
+            f"(SKDCGN_MAX_BODY_BYTES), {settings.max_active_jobs_per_key} queued or running jobs per API key "
+            "(SKDCGN_MAX_ACTIVE_JOBS_PER_KEY). Every error answers {\"error\": \"...\"} (ErrorBody).")
