@@ -151,6 +151,7 @@ class JobSpec:
     format: str
     created: str
     request: dict  # the request as accepted (labels deduplicated, model, version and seed filled in)
+    request_id: str = ""  # of the HTTP request that created the job: the workers' log lines about it carry it
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))

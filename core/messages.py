@@ -73,6 +73,7 @@ class RenderRequest:
     z: Optional[dict[str, list[list[float]]]] = None
     return_components: bool = False
     return_noise: bool = False
+    request_id: str = ""  # the HTTP request's id, for the logs of both sides; no part of the output
 
     def to_dict(self) -> dict:
         return {"schema": MESSAGE_SCHEMA, **asdict(self)}
@@ -89,7 +90,8 @@ class RenderRequest:
 
     def cache_key(self) -> str:
         """Every input that determines the output, the model version and its manifest hash included."""
-        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        determining = {key: value for key, value in self.to_dict().items() if key != "request_id"}
+        canonical = json.dumps(determining, sort_keys=True, separators=(",", ":"))
         return CACHE_PREFIX + hashlib.sha256(canonical.encode()).hexdigest()
 
 
@@ -101,15 +103,18 @@ class RenderBatch:
 
     requests: list[RenderRequest]
     reply_to: str
+    sent_at: float = 0.0  # epoch seconds when the gateway queued it: the worker measures the queue wait
 
     def to_dict(self) -> dict:
-        return {"schema": MESSAGE_SCHEMA, "requests": [r.to_dict() for r in self.requests], "reply_to": self.reply_to}
+        return {"schema": MESSAGE_SCHEMA, "requests": [r.to_dict() for r in self.requests], "reply_to": self.reply_to,
+                "sent_at": self.sent_at}
 
     @classmethod
     def from_dict(cls, message: dict) -> "RenderBatch":
         body = _check_schema("render batch", message)
         try:
-            return cls([RenderRequest.from_dict(item) for item in body["requests"]], str(body["reply_to"]))
+            return cls([RenderRequest.from_dict(item) for item in body["requests"]], str(body["reply_to"]),
+                       float(body.get("sent_at", 0.0)))
         except (KeyError, TypeError) as exc:
             raise MessageSchemaError(f"render batch message is malformed: {exc!r}") from exc
 
@@ -155,6 +160,7 @@ class ChunkTask:
 
     job_id: str
     chunk: int
+    sent_at: float = 0.0  # epoch seconds when it was queued
 
     def to_dict(self) -> dict:
         return {"schema": MESSAGE_SCHEMA, **asdict(self)}

@@ -64,6 +64,13 @@ class Paths:
         )
 
 
+def _choice(name: str, default: str, choices: tuple[str, ...]) -> str:
+    raw = _env(name, default).strip().lower()
+    if raw not in choices:
+        raise SettingsError(f"{PREFIX}{name}={raw!r}: use one of {', '.join(choices)}")
+    return raw
+
+
 def _number(name: str, default, kind=int, minimum=None):
     raw = _env(name, str(default))
     try:
@@ -110,6 +117,8 @@ class Settings:
     # onnxruntime intra-op threads per worker process (0 lets onnxruntime decide): one suits small, shared CPUs.
     ort_threads: int = 1
     models_loaded_max: int = 3  # versions a worker keeps loaded (LRU)
+    log_format: str = "text"  # or "json": one object per line, with the request id
+    worker_metrics_port: int = 9101  # each worker's Prometheus endpoint (0: none; a busy port is logged, not fatal)
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -144,6 +153,8 @@ class Settings:
             heartbeat_ttl_s=_number("HEARTBEAT_TTL_S", cls.heartbeat_ttl_s, float, minimum=1.0),
             ort_threads=_number("ORT_THREADS", cls.ort_threads, minimum=0),
             models_loaded_max=_number("MODELS_LOADED_MAX", cls.models_loaded_max, minimum=1),
+            log_format=_choice("LOG_FORMAT", cls.log_format, ("text", "json")),
+            worker_metrics_port=_number("WORKER_METRICS_PORT", cls.worker_metrics_port, minimum=0),
         )
 
     @property

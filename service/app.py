@@ -12,6 +12,7 @@ import asyncio
 import base64
 import json
 import secrets
+import time
 import shutil
 import uuid
 from contextlib import asynccontextmanager
@@ -36,13 +37,14 @@ from core.jobs import (
     ACTIVE_STATES, PUBLIC_OWNER, SUCCEEDED, JobSpec, chunk_count, job_key, jobs_index_key, now_iso, owner_of,
     result_paths, shard_count,
 )
+from core.logs import request_id
 from core.manifest import ManifestError, VersionNotFound
 from core.messages import (
     CHUNK_TASK, INTERACTIVE_QUEUE, JOBS_QUEUE, ChunkTask, RenderRequest,
 )
 from core.noise import MECHANISMS
 from core.settings import Settings
-from service.admission import AdmissionAndMetrics
+from service.middleware import GatewayMiddleware
 from service.batcher import RenderBatcher
 from service.broker import Broker, ServiceError, redis_location, refusals
 from service.catalog import ModelCatalog, ResolvedModel, UnknownModel
@@ -245,22 +247,28 @@ def render_response(request: RenderRequest, payload: str, cached: bool, accept: 
     return Response(body, media_type="application/json", headers=headers)
 
 
-async def render(gw: Gateway, request: RenderRequest, endpoint: str, accept: str) -> Response:
+async def render(gw: Gateway, request: RenderRequest, route: str, accept: str) -> Response:
     """From the batch cache, or rendered by a worker in a batch with other requests (service.batcher)."""
+    started = time.perf_counter()
     key = request.cache_key()
     payload = await gw.broker.cache_get(key)
     cached = payload is not None
+    labels = (route, request.family, request.version)
     if cached:
-        gw.metrics.cache_hits.labels(endpoint).inc()
+        gw.metrics.cache_hits.labels(*labels).inc()
     else:
-        gw.metrics.cache_misses.labels(endpoint).inc()
+        gw.metrics.cache_misses.labels(*labels).inc()
         await gw.broker.admit(INTERACTIVE_QUEUE, gw.settings.queue_bound, f"{request.family}/{request.version}")
         reply = await gw.batcher.render(request)
         if reply.error is not None:
             raise ServiceError(reply.status, reply.error)
         payload = json.dumps(reply.payload, allow_nan=False, separators=(",", ":"))
         await gw.broker.cache_set(key, payload)  # only successful, encodable answers are cached
-    return render_response(request, payload, cached, accept)
+    response = render_response(request, payload, cached, accept)
+    source = "hit" if cached else "miss"
+    gw.metrics.render_latency.labels(*labels, source).observe(time.perf_counter() - started)
+    gw.metrics.images_served.labels(request.family, request.version, source).inc(request.n)
+    return response
 
 
 PNG_RESPONSES = {200: {"content": {"image/png": {}}, "description": "JSON, or one PNG (a grid when n > 1) "
@@ -282,8 +290,8 @@ async def counterfactual(body: CounterfactualRequest, request: Request, gw: Gate
         check_z(model, f"z.{mechanism}", vectors, body.n)
     task = RenderRequest("counterfactual", model.family, model.version, model.manifest_sha256, labels, body.n,
                          pick_seed(body.seed), body.mask.model_dump(), body.z, body.return_components,
-                         body.return_noise)
-    return await render(gw, task, "counterfactual", request.headers.get("accept", ""))
+                         body.return_noise, request_id.get())
+    return await render(gw, task, "/counterfactual", request.headers.get("accept", ""))
 
 
 @router.post("/generate/{mechanism}", response_model=RenderResponse, responses=PNG_RESPONSES,
@@ -298,8 +306,9 @@ async def generate(mechanism: Mechanism, body: MechanismRequest, request: Reques
         check_z(model, "z", body.z, body.n)
     task = RenderRequest("mechanism", model.family, model.version, model.manifest_sha256, {mechanism: body.label},
                          body.n, pick_seed(body.seed), MaskModifiers().to_dict(),
-                         {mechanism: body.z} if body.z is not None else None, return_noise=body.return_noise)
-    return await render(gw, task, f"generate/{mechanism}", request.headers.get("accept", ""))
+                         {mechanism: body.z} if body.z is not None else None, return_noise=body.return_noise,
+                         request_id=request_id.get())
+    return await render(gw, task, "/generate/{mechanism}", request.headers.get("accept", ""))
 
 
 # --- dataset jobs --------------------------------------------------------------------------------------------------
@@ -329,9 +338,11 @@ async def create_job(body: JobRequest, gw: Gateway = Depends(gateway), owner: st
                    chunks=chunk_count(body.n, chunk_size), shard_size=shard_size,
                    shards=shard_count(body.format, body.n, shard_size), seed=seed,
                    counterfactuals_per_shape=body.counterfactuals_per_shape, labels=choices,
-                   mask=body.mask.model_dump(), format=body.format, created=now_iso(), request=request)
+                   mask=body.mask.model_dump(), format=body.format, created=now_iso(), request=request,
+                   request_id=request_id.get())
     await gw.jobs.create(spec, owner)
-    tasks = [ChunkTask(spec.id, chunk) for chunk in range(spec.chunks)]
+    queued = time.time()
+    tasks = [ChunkTask(spec.id, chunk, queued) for chunk in range(spec.chunks)]
     await gw.broker.send(CHUNK_TASK, [(task.task_id, task.to_dict()) for task in tasks])
     return JSONResponse(await gw.jobs.status(spec.id, owner), status_code=202, headers={"Location": f"/jobs/{spec.id}"})
 
@@ -543,7 +554,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.gateway = gw
     app.include_router(router)
 
-    app.add_middleware(AdmissionAndMetrics, max_in_flight=settings.max_in_flight, metrics=gw.metrics)
+    app.add_middleware(GatewayMiddleware, max_in_flight=settings.max_in_flight, metrics=gw.metrics)
 
     @app.exception_handler(ServiceError)
     async def service_error(_: Request, exc: ServiceError):

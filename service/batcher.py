@@ -63,7 +63,7 @@ class RenderBatcher:
             self.dispatch()  # the workers are free again: what waited goes now
 
     async def _render_batch(self, items: list[Waiting]) -> None:
-        batch = RenderBatch([request for request, _ in items], uuid.uuid4().hex)
+        batch = RenderBatch([request for request, _ in items], uuid.uuid4().hex, time.time())
         try:
             # Expiring with the timeout: a worker that reaches the task after its callers gave up skips it.
             await self.broker.send(RENDER_TASK, [(batch.reply_to, batch.to_dict())],

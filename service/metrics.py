@@ -1,14 +1,16 @@
 """Prometheus metrics of the gateway, plus the cluster-wide figures kept in Redis, read at scrape time.
 
-Requests, latency and cache lookups are counted by this gateway process. Queue depth, ready workers, job
+Requests, latency and cache lookups are counted by this gateway process; whatever concerns a model is labelled
+`model` and `version` (as the workers' own metrics are, see workers/metrics.py), routes are `route` everywhere. Queue depth, ready workers, job
 counts and images generated are shared by every gateway and worker, so they live in Redis (the stats hash
 and the queues) and are read when /metrics is scraped.
 """
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+disable_created_metrics()  # no `_created` series beside every counter and histogram
 JOB_EVENTS = ("submitted", "succeeded", "failed", "cancelled")
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -50,8 +52,13 @@ class GatewayMetrics:
                                 registry=self.registry)
         self.latency = Histogram("skdcgn_http_request_duration_seconds", "HTTP request latency", ["route"],
                                  buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.cache_hits = Counter("skdcgn_cache_hits", "batch-cache hits", ["endpoint"], registry=self.registry)
-        self.cache_misses = Counter("skdcgn_cache_misses", "batch-cache misses", ["endpoint"], registry=self.registry)
+        model = ["route", "model", "version"]
+        self.cache_hits = Counter("skdcgn_cache_hits", "batch-cache hits", model, registry=self.registry)
+        self.cache_misses = Counter("skdcgn_cache_misses", "batch-cache misses", model, registry=self.registry)
+        self.render_latency = Histogram("skdcgn_render_duration_seconds", "time to answer a render request",
+                                        [*model, "cache"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.images_served = Counter("skdcgn_images_served", "images answered to render requests",
+                                     ["model", "version", "cache"], registry=self.registry)
         self.batch_requests = Histogram("skdcgn_render_batch_requests", "requests rendered together in one task",
                                         buckets=BATCH_BUCKETS, registry=self.registry)
         self.cluster = ClusterCollector()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import base64
 import io
+import re
 import shutil
 import time
 from pathlib import Path
@@ -16,6 +17,11 @@ from tests.model_helpers import FAMILY
 from tests.paths import REPO
 
 JOB_TIMEOUT_S = 90
+LABEL = re.compile(r'(\w+)="([^"]*)"')
+SHIPPED_VERSION = latest_version(REPO / "models", FAMILY)
+# The labels of the render metrics of the shipped default model, per route.
+COUNTERFACTUAL = {"route": "/counterfactual", "model": FAMILY, "version": SHIPPED_VERSION}
+GENERATE = {"route": "/generate/{mechanism}", "model": FAMILY, "version": SHIPPED_VERSION}
 
 
 def poll(check, timeout: float, what: str):
@@ -56,11 +62,12 @@ def load_npz(content: bytes) -> dict[str, np.ndarray]:
 
 
 def metric(text: str, name: str, **labels: str) -> float:
-    """The value of one sample of the Prometheus text format (0 when absent)."""
-    wanted = name + ("{" + ",".join(f'{key}="{value}"' for key, value in sorted(labels.items())) + "}" if labels else "")
+    """The value of one sample of the Prometheus text format, its labels in any order (0 when absent)."""
     for line in text.splitlines():
-        if line.startswith(wanted + " "):
-            return float(line.rsplit(" ", 1)[1])
+        series, _, value = line.rpartition(" ")
+        found, _, label_text = series.partition("{")
+        if found == name and dict(LABEL.findall(label_text)) == labels:
+            return float(value)
     return 0.0
 
 

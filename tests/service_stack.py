@@ -37,6 +37,7 @@ class ServiceStack:
             "SKDCGN_MODELS_DIR": str(models_dir),
             "SKDCGN_JOBS_DIR": str(root / "data" / "jobs"),
             "SKDCGN_ORT_THREADS": "1",
+            "SKDCGN_WORKER_METRICS_PORT": "0",  # no fixed port shared by every test's workers
             **{f"SKDCGN_{name.upper()}": str(value) for name, value in settings.items()},
         })
         self.redis_process: subprocess.Popen | None = None

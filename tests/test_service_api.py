@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from core.imageio import decode
-from tests.service_helpers import FAMILY, REPO, counterfactual, current_version, images_of, metric
+from tests.service_helpers import COUNTERFACTUAL, FAMILY, GENERATE, REPO, counterfactual, current_version, images_of, metric
 
 
 def test_gateway_imports_neither_torch_nor_onnxruntime():
@@ -82,10 +82,10 @@ def test_same_seed_same_pixels_cached_or_not(client):
     assert (first.json()["cached"], second.json()["cached"]) == (False, True)
     np.testing.assert_array_equal(images_of(first.json()), images_of(second.json()))
     after = client.get("/metrics").text
-    hits = metric(after, "skdcgn_cache_hits_total", endpoint="counterfactual")
-    assert hits == metric(before, "skdcgn_cache_hits_total", endpoint="counterfactual") + 1
-    misses = metric(after, "skdcgn_cache_misses_total", endpoint="counterfactual")
-    assert misses == metric(before, "skdcgn_cache_misses_total", endpoint="counterfactual") + 1
+    hits = metric(after, "skdcgn_cache_hits_total", **COUNTERFACTUAL)
+    assert hits == metric(before, "skdcgn_cache_hits_total", **COUNTERFACTUAL) + 1
+    misses = metric(after, "skdcgn_cache_misses_total", **COUNTERFACTUAL)
+    assert misses == metric(before, "skdcgn_cache_misses_total", **COUNTERFACTUAL) + 1
 
     # A request that differs only in what it returns is a cache miss, rendered afresh: same pixels.
     fresh = counterfactual(client, seed=2024, n=3, return_noise=True)
@@ -167,8 +167,8 @@ def test_bad_input_is_rejected_before_any_work(client, path, body, status, messa
     assert re.search(message, answer.json()["error"]), answer.json()["error"]  # messages are regex patterns
     after = client.get("/metrics").text
     # Nothing was looked up in the cache (the step before queueing) and no job was submitted.
-    for name, labels in (("skdcgn_cache_misses_total", {"endpoint": "counterfactual"}),
-                         ("skdcgn_cache_misses_total", {"endpoint": "generate/shape"}),
+    for name, labels in (("skdcgn_cache_misses_total", COUNTERFACTUAL),
+                         ("skdcgn_cache_misses_total", GENERATE),
                          ("skdcgn_jobs_total", {"event": "submitted"})):
         assert metric(after, name, **labels) == metric(before, name, **labels)
 

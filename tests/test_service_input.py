@@ -15,15 +15,15 @@ import pytest
 
 from core.jobs import job_key
 from core.settings import Settings
-from tests.service_helpers import FAMILY, counterfactual, metric, wait_job
+from tests.service_helpers import COUNTERFACTUAL, FAMILY, GENERATE, counterfactual, metric, wait_job
 
 DEFAULT_BODY_LIMIT = Settings().max_body_bytes
 SMALL_BODY_LIMIT = 16 * 1024
 KEYS = {"disk": "key-disk-0123456789", "cap": "key-cap-0123456789", "other": "key-other-0123456789",
         "view": "key-view-0123456789"}
-UNTOUCHED = (("skdcgn_cache_misses_total", {"endpoint": "counterfactual"}),
-             ("skdcgn_cache_misses_total", {"endpoint": "generate/shape"}),
-             ("skdcgn_cache_hits_total", {"endpoint": "counterfactual"}),
+UNTOUCHED = (("skdcgn_cache_misses_total", COUNTERFACTUAL),
+             ("skdcgn_cache_misses_total", GENERATE),
+             ("skdcgn_cache_hits_total", COUNTERFACTUAL),
              ("skdcgn_jobs_total", {"event": "submitted"}))
 
 

@@ -19,6 +19,7 @@ import numpy as np
 
 from core.compose import MaskModifiers, compose_samples
 from core.imageio import encode, to_uint8
+from core.logs import NO_REQUEST, request_id
 from core.manifest import (
     ManifestError, latest_version, list_families, list_versions, load_manifest, manifest_sha256, resolve_version,
     verify_files,
@@ -26,6 +27,7 @@ from core.manifest import (
 from core.messages import RenderBatch, RenderReply, RenderRequest
 from core.noise import MECHANISMS, SampleNoise, draw_sample_noise
 from core.runtime import ModelRuntime, execution_providers
+from workers.metrics import WorkerMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -255,9 +257,10 @@ def _failure(exc: Exception, request: RenderRequest) -> RenderReply:
     return RenderReply.failure(500, f"the worker could not render this request: {type(exc).__name__}: {exc}")
 
 
-def render_batch(models: LoadedModels, batch: RenderBatch) -> list[RenderReply]:
+def render_batch(models: LoadedModels, batch: RenderBatch, metrics: WorkerMetrics) -> list[RenderReply]:
     """One reply per request of the batch, in order. Requests of the same version and kind (and mechanism) share
-    one call of the graphs; a group that fails answers each of its requests with the error, the others go on."""
+    one call of the graphs; a group that fails answers each of its requests with the error, the others go on.
+    Log lines about a group carry its requests' ids."""
     groups: OrderedDict[tuple, list[int]] = OrderedDict()
     for index, request in enumerate(batch.requests):
         mechanism = request.mechanism if request.kind == "mechanism" else None
@@ -265,15 +268,23 @@ def render_batch(models: LoadedModels, batch: RenderBatch) -> list[RenderReply]:
     replies: list[RenderReply | None] = [None] * len(batch.requests)
     for (family, version, sha256, mechanism), indices in groups.items():
         requests = [batch.requests[i] for i in indices]
+        token = request_id.set(",".join(r.request_id for r in requests if r.request_id) or NO_REQUEST)
         try:
+            started = time.perf_counter()
             model = models.get(family, version, sha256)
             if mechanism is None:
                 payloads = _render_counterfactuals(model, requests)
             else:
                 payloads = _render_mechanisms(model, mechanism, requests)
+            seconds, images = time.perf_counter() - started, sum(r.n for r in requests)
+            metrics.rendered(model, "interactive", images, seconds, requests=len(requests))
+            logger.info("rendered %d images for %d requests of %s in %.1f ms", images, len(requests), model.name,
+                        1000 * seconds)
             for i, payload in zip(indices, payloads):
                 replies[i] = RenderReply(payload=payload)
         except Exception as exc:  # every request of the group hears why; other groups are unaffected
             for i, request in zip(indices, requests):
                 replies[i] = _failure(exc, request)
+        finally:
+            request_id.reset(token)
     return replies

@@ -29,11 +29,13 @@ from core.jobs import (
     ACTIVE_STATES, CANCELLED, FAILED, SUCCEEDED, JobSpec, chunk_bounds, chunk_done_args, chunk_path, discard_chunks, end_args,
     job_chunks_key, job_key, job_lock_key, now_iso, result_paths, start_args,
 )
+from core.logs import NO_REQUEST, request_id
 from core.messages import STATS_KEY, ChunkTask
 from core.noise import draw_labels, draw_sample_noise
 from core.runtime import ModelRuntime
 from core.settings import Settings
 from workers.engine import LoadedModels, counterfactual_batch
+from workers.metrics import WorkerMetrics
 
 logger = logging.getLogger(__name__)
 RETRY_BACKOFF_S = 0.5  # before the second try of a failed chunk; doubles each try
@@ -173,7 +175,8 @@ def load_spec(client: redis.Redis, job_id: str) -> JobSpec | None:
     return JobSpec.from_json(spec) if state in ACTIVE_STATES and spec else None
 
 
-def run_chunk(client: redis.Redis, models: LoadedModels, settings: Settings, task: ChunkTask) -> None:
+def run_chunk(client: redis.Redis, models: LoadedModels, settings: Settings, metrics: WorkerMetrics,
+              task: ChunkTask) -> None:
     """Render one chunk unless its job has ended or the chunk is on disk already, retrying a chunk that raises
     (`chunk_attempts` tries, with backoff) before the job fails with an error naming the chunk and the cause.
     Whoever records the last chunk assembles the result; a redelivered task of a finished chunk re-checks that,
@@ -181,23 +184,30 @@ def run_chunk(client: redis.Redis, models: LoadedModels, settings: Settings, tas
     job = load_spec(client, task.job_id)
     if job is None:
         return  # ended (cancelled, failed, succeeded) or expired
-    if client.sismember(job_chunks_key(job.id), task.chunk):
-        done = client.scard(job_chunks_key(job.id))
-    else:
-        client.eval(*start_args(job.id))
-        done = _render_with_retries(client, models, settings, job, task.chunk)
-    if done == job.chunks:
-        _assemble_once(client, settings, job)
+    token = request_id.set(job.request_id or NO_REQUEST)
+    try:
+        if client.sismember(job_chunks_key(job.id), task.chunk):
+            done = client.scard(job_chunks_key(job.id))
+        else:
+            client.eval(*start_args(job.id))
+            done = _render_with_retries(client, models, settings, metrics, job, task.chunk)
+        if done == job.chunks:
+            _assemble_once(client, settings, job)
+    finally:
+        request_id.reset(token)
 
 
-def _render_with_retries(client: redis.Redis, models: LoadedModels, settings: Settings, job: JobSpec,
-                         chunk: int) -> int | None:
+def _render_with_retries(client: redis.Redis, models: LoadedModels, settings: Settings, metrics: WorkerMetrics,
+                         job: JobSpec, chunk: int) -> int | None:
     """Chunks done after rendering `chunk`; None when the job ended meanwhile or failed here."""
     for attempt in range(1, settings.chunk_attempts + 1):
         try:
+            started = time.perf_counter()
             model = models.get(job.family, job.version, job.manifest_sha256)
             arrays = render_chunk_arrays(model, job, chunk, settings.batch_size)
+            metrics.rendered(model, "chunk", len(arrays["images"]), time.perf_counter() - started)
             write_chunk(chunk_path(settings.jobs_dir, job.id, chunk), arrays)
+            logger.info("job %s chunk %d: %d samples rendered", job.id, chunk, len(arrays["images"]))
             break
         except Exception as exc:
             if attempt < settings.chunk_attempts:

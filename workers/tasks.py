@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import os
+import time
 
 import redis
 from celery import signals
@@ -20,10 +21,12 @@ from core.messages import (
 from workers.celery_app import app, settings
 from workers.engine import LoadedModels, render_batch
 from workers.jobs import run_chunk
+from workers.metrics import WorkerMetrics
 from workers.presence import WorkerPresence
 
 logger = logging.getLogger(__name__)
 models = LoadedModels(settings.models_dir, settings.models_loaded_max, settings.ort_threads)
+metrics = WorkerMetrics()
 _clients: dict[int, redis.Redis] = {}
 
 
@@ -40,6 +43,12 @@ def broker_client() -> redis.Redis:
 @signals.worker_process_init.connect
 def start_presence(sender=None, **_) -> None:
     WorkerPresence(models, settings, name=f"{sender}:{os.getpid()}").start()
+    metrics.serve(settings.worker_metrics_port)
+
+
+def queued_for(sent_at: float, kind: str) -> None:
+    if sent_at:
+        metrics.queue_wait.labels(kind).observe(max(0.0, time.time() - sent_at))
 
 
 def send_replies(reply_to: str, replies: list[RenderReply]) -> None:
@@ -65,10 +74,13 @@ def render(message: dict) -> None:
         if isinstance(reply_to, str):
             send_replies(reply_to, [RenderReply.failure(500, f"the worker refused the request: {exc}")] * max(count, 1))
         return
-    send_replies(batch.reply_to, render_batch(models, batch))
+    queued_for(batch.sent_at, "interactive")
+    send_replies(batch.reply_to, render_batch(models, batch, metrics))
 
 
 @app.task(name=CHUNK_TASK)
 def render_chunk(message: dict) -> None:
     """Render one chunk of a dataset job (a message of another contract version raises, and is logged)."""
-    run_chunk(broker_client(), models, settings, ChunkTask.from_dict(message))
+    task = ChunkTask.from_dict(message)
+    queued_for(task.sent_at, "chunk")
+    run_chunk(broker_client(), models, settings, metrics, task)

@@ -1,20 +1,24 @@
-"""Admission and request metrics, as plain ASGI middleware (no per-request task or body buffering).
+"""What the gateway does around every request, as plain ASGI middleware (no per-request task or body buffering):
+its request id, admission, and its HTTP metrics.
 
-Admission counts the requests this gateway process is serving; beyond `max_in_flight` a request is answered
-429 with Retry-After before any work, so overload never exhausts Redis connections, memory or the event loop.
-Liveness, readiness and metrics are always answered, so an overloaded gateway still reports on itself.
+- The request id (core.logs) is the client's `X-Request-ID` when well formed, else a new one; it is returned in
+  the response, set for every log line written while the request is served, and passed to the workers.
+- Admission counts the requests this gateway process is serving; beyond `max_in_flight` a request is answered
+  429 with Retry-After before any work, so overload never exhausts Redis connections, memory or the event loop.
+  Liveness, readiness and metrics are always answered, so an overloaded gateway still reports on itself.
 """
 from __future__ import annotations
 
 import json
 import time
 
+from core.logs import REQUEST_ID_HEADER, accept_request_id, request_id
 from service.metrics import GatewayMetrics
 
 ALWAYS_ADMITTED = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
-class AdmissionAndMetrics:
+class GatewayMiddleware:
     def __init__(self, app, max_in_flight: int, metrics: GatewayMetrics):
         self.app, self.max_in_flight, self.metrics = app, max_in_flight, metrics
         self.in_flight = 0
@@ -25,11 +29,17 @@ class AdmissionAndMetrics:
             return
         started = time.perf_counter()
         status = 500
+        offered = next((value.decode("latin-1") for name, value in scope["headers"]
+                        if name == b"x-request-id"), None)
+        current = accept_request_id(offered)
+        token = request_id.set(current)
 
         async def observed_send(message):
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                message["headers"] = [*message.get("headers", []),
+                                      (REQUEST_ID_HEADER.lower().encode(), current.encode())]
             await send(message)
 
         admitted = scope["path"] in ALWAYS_ADMITTED or self.in_flight < self.max_in_flight
@@ -46,6 +56,7 @@ class AdmissionAndMetrics:
             route = scope.get("route")
             self.metrics.observe(route.path if route else "unmatched", scope["method"], status,
                                  time.perf_counter() - started)
+            request_id.reset(token)
 
     async def refuse(self, send) -> None:
         body = json.dumps({"error": f"this gateway is serving {self.in_flight} requests, its maximum "
