@@ -8,15 +8,29 @@ export SKDCGN_SHARED := $(SHARED)
 
 .PHONY: install test sample clean
 
-$(VENV)/.installed: pyproject.toml
+TORCH ?= 2.13.0
+PYTHON312 ?=
+
+# The CPU build of torch lies on disk; pinning it first keeps pip from pulling a CUDA build. Then the dev lock,
+# hash-checked and without resolving (it holds no torch and no CUDA package), then the project itself.
+$(VENV)/.installed: pyproject.toml requirements/dev.lock.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install --upgrade pip
-	# The CPU build of torch lies on disk; pinning it first keeps pip from pulling a CUDA build.
-	$(PIP) install torch==2.13.0
-	$(PIP) install -e '.[dev]'
+	$(PIP) install torch==$(TORCH)
+	$(PIP) install --require-hashes --no-deps -r requirements/dev.lock.txt
+	$(PIP) install --no-deps -e .
+	$(PIP) check
 	touch $@
 
 install: $(VENV)/.installed
+
+.PHONY: lock
+# requirements/<deployable>.lock.txt (gateway, worker-cpu, worker-gpu, dev) from pyproject.toml with pip-compile and
+# hashes; run it after every change of pyproject.toml (a test fails while a lock is stale). Needs PyPI, and a
+# Python 3.12 for the GPU worker's lock (python3.12 on PATH or pyenv's; else PYTHON312=/path/to/python3.12).
+# Locked versions that pyproject.toml still allows are kept; LOCK_ARGS=--upgrade resolves everything afresh.
+LOCK_ARGS ?=
+lock: install
+	$(PY) requirements/compile.py --torch $(TORCH) $(if $(PYTHON312),--python3.12 $(PYTHON312)) $(LOCK_ARGS)
 
 # pytest exits 5 when it collects no test: that is not a failure of the suite. One OpenMP thread per process:
 # the suite runs torch beside Redis, Celery and uvicorn processes, and oversubscribed OpenMP threads thrash.

@@ -15,7 +15,7 @@ from __future__ import annotations
 from celery import Celery
 from kombu import Queue
 
-from core.messages import CHUNK_TASK, INTERACTIVE_QUEUE, JOBS_QUEUE, RENDER_TASK
+from core.messages import INTERACTIVE_QUEUE, JOBS_QUEUE, TASK_QUEUES
 from core.settings import Settings
 
 
@@ -49,6 +49,6 @@ def make_celery(settings: Settings, include: tuple[str, ...] = ()) -> Celery:
         task_publish_retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.5},
         task_queues=[Queue(INTERACTIVE_QUEUE), Queue(JOBS_QUEUE)],
         task_default_queue=INTERACTIVE_QUEUE,
-        task_routes={RENDER_TASK: {"queue": INTERACTIVE_QUEUE}, CHUNK_TASK: {"queue": JOBS_QUEUE}},
+        task_routes={task: {"queue": queue} for task, queue in TASK_QUEUES.items()},
     )
     return app

@@ -5,7 +5,10 @@ chunk messages name only the job and the chunk. Every state change goes through 
 exactly once and a cancelled job never moves again; a chunk counts as done only while its job is active, so
 progress never rises after a cancel. Every Redis key lives under `skdcgn:` in the broker Redis (noeviction).
 Files live under the jobs directory the gateway shares with the workers: `<jobs_dir>/<id>/chunks/*.npz` while
-the job runs, then the result files.
+the job runs, then the result files (`result_files`): `result.npz`; or the tar shards `result-<shard>.tar` of a png
+or webdataset job, a webdataset job's with `provenance.json` and `SHA256SUMS` beside them. The worker that
+assembles a job records every result file's name, size and sha256 in the job hash (`files`, JSON) as the job
+succeeds, so clients can verify what they download.
 """
 from __future__ import annotations
 
@@ -22,7 +25,10 @@ QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded"
 STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
 ACTIVE_STATES = (QUEUED, RUNNING)
 ENDED_STATES = (SUCCEEDED, FAILED, CANCELLED)
-FORMATS = ("npz", "png")
+FORMATS = ("npz", "png", "webdataset")
+TAR_FORMATS = ("png", "webdataset")  # results in tar shards of `shard_size` samples
+PROVENANCE_NAME = "provenance.json"  # a webdataset job's provenance, beside its shards (inside for npz and png)
+CHECKSUMS_NAME = "SHA256SUMS"  # a webdataset job's shard and provenance checksums, in `sha256sum -c` format
 JOB_ID_PATTERN = re.compile(r"^[0-9a-f]{32}$")  # uuid4().hex
 PUBLIC_OWNER = "public"  # owner of the jobs submitted while no API keys are configured
 # Sorted set of ended jobs scored by when they ended (epoch seconds): the retention clock. Running jobs are never in it.
@@ -127,8 +133,8 @@ def done_samples(done_chunks: int, last_chunk_done: bool, chunk_size: int, total
 
 
 def shard_count(fmt: str, total: int, shard_size: int) -> int:
-    """An npz result is one file; a png result is a tar per `shard_size` samples."""
-    return 1 if fmt == "npz" else chunk_count(total, shard_size)
+    """An npz result is one file; a png or webdataset result is a tar per `shard_size` samples."""
+    return chunk_count(total, shard_size) if fmt in TAR_FORMATS else 1
 
 
 @dataclass(frozen=True)
@@ -173,10 +179,41 @@ def chunk_path(jobs_dir: Path, job_id: str, chunk: int) -> Path:
 
 
 def result_paths(jobs_dir: Path, job_id: str, fmt: str, shards: int) -> list[Path]:
+    """The data files of a job's result: result.npz, or its tar shards (`?shard=i` of GET /jobs/{id}/result)."""
     directory = job_dir(jobs_dir, job_id)
     if fmt == "npz":
         return [directory / "result.npz"]
     return [directory / f"result-{shard:05d}.tar" for shard in range(shards)]
+
+
+def sidecar_paths(jobs_dir: Path, job_id: str, fmt: str) -> list[Path]:
+    """Files beside the data files: a webdataset job's provenance.json and SHA256SUMS (the shards hold samples only)."""
+    if fmt != "webdataset":
+        return []
+    directory = job_dir(jobs_dir, job_id)
+    return [directory / PROVENANCE_NAME, directory / CHECKSUMS_NAME]
+
+
+def result_files(jobs_dir: Path, job_id: str, fmt: str, shards: int) -> list[Path]:
+    """Every file of a job's result, in the order a client downloads them."""
+    return result_paths(jobs_dir, job_id, fmt, shards) + sidecar_paths(jobs_dir, job_id, fmt)
+
+
+def checksums_text(digests: dict[str, str]) -> str:
+    """`<sha256>  <name>` lines, as `sha256sum` writes and `sha256sum -c` reads them."""
+    return "".join(f"{digest}  {name}\n" for name, digest in digests.items())
+
+
+def files_field(files: list[dict]) -> str:
+    """The job hash's `files` field: [{"name", "bytes", "sha256"}] of every result file, as JSON."""
+    return json.dumps([{"name": f["name"], "bytes": int(f["bytes"]), "sha256": f["sha256"]} for f in files],
+                      separators=(",", ":"))
+
+
+def parse_files(text: str | None) -> list[dict] | None:
+    """The `files` field of a job hash; None for a job without one (not succeeded, or assembled by an older
+    release)."""
+    return json.loads(text) if text else None
 
 
 def discard_chunks(jobs_dir: Path, job_id: str) -> None:

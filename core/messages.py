@@ -19,6 +19,7 @@ JOBS_QUEUE = "jobs"
 QUEUES = (INTERACTIVE_QUEUE, JOBS_QUEUE)
 RENDER_TASK = "workers.tasks.render"
 CHUNK_TASK = "workers.tasks.render_chunk"
+TASK_QUEUES = {RENDER_TASK: INTERACTIVE_QUEUE, CHUNK_TASK: JOBS_QUEUE}
 
 CACHE_PREFIX = "skdcgn:cache:"
 WORKER_PREFIX = "skdcgn:worker:"

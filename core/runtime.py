@@ -18,10 +18,48 @@ from core.manifest import load_manifest, manifest_sha256, resolve_version, verif
 from core.noise import MECHANISMS, NoiseSpec
 
 CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
+# A one-node graph (Relu of a float[1]), serialized: opening it on CUDA proves the provider starts on this machine.
+_PROBE_MODEL = bytes.fromhex(
+    "08073a370a0c0a0178120179220452656c75120570726f62655a0f0a0178120a0a08080112040a020801620f0a0179120a0a0808"
+    "0112040a02080142040a00100d"
+)
 
 
-def execution_providers() -> list[str]:
-    """CUDA first when this onnxruntime build offers it, then CPU."""
+class GpuUnavailable(RuntimeError):
+    """A GPU is required (SKDCGN_REQUIRE_GPU=1) but onnxruntime's CUDA provider is missing or does not start."""
+
+
+def cuda_failure() -> str | None:
+    """Why a session cannot run on CUDAExecutionProvider here (None: it can).
+
+    An onnxruntime-gpu build lists CUDA among its providers even on a machine without a GPU, driver, CUDA or cuDNN;
+    a session then falls back to CPU with a logged error. Opening a tiny session tells the two apart.
+    """
+    available = ort.get_available_providers()
+    if CUDA not in available:
+        return (f"{CUDA} is missing from onnxruntime {ort.__version__} (providers: {', '.join(available)}): "
+                f"install onnxruntime-gpu instead of onnxruntime")
+    try:
+        session = ort.InferenceSession(_PROBE_MODEL, providers=[CUDA, CPU])
+    except Exception as exc:  # noqa: BLE001 - any failure to open the probe means no CUDA session
+        return f"{CUDA} failed to open a session: {type(exc).__name__}: {exc}"
+    if CUDA not in session.get_providers():
+        return (f"{CUDA} is in onnxruntime {ort.__version__} but did not start (no NVIDIA GPU or driver visible, "
+                f"or the CUDA/cuDNN libraries are missing); sessions would fall back to {CPU}")
+    return None
+
+
+def execution_providers(require_gpu: bool = False) -> list[str]:
+    """CUDA first when this onnxruntime build offers it, then CPU.
+
+    `require_gpu`: raise GpuUnavailable, saying why, unless a session actually starts on CUDA here, instead of
+    quietly serving on the CPU.
+    """
+    if require_gpu:
+        reason = cuda_failure()
+        if reason is not None:
+            raise GpuUnavailable(f"a GPU is required (SKDCGN_REQUIRE_GPU=1) but {reason}")
+        return [CUDA, CPU]
     return [CUDA, CPU] if CUDA in ort.get_available_providers() else [CPU]
 
 

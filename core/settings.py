@@ -3,7 +3,8 @@
 `Paths` are the folders the whole project uses (model repository, training runs, job results, MNIST, the
 download cache, ../shared); `Settings` adds what the gateway and the workers must agree on (Redis, limits,
 job chunking). Both sides read the same variables, so they agree as long as they share one environment.
-Imports nothing heavy: the gateway and the workers both import it.
+`ClientSettings` is the client's and the `skdcgn` CLI's (the service URL and an API key).
+Imports nothing heavy: the gateway, the workers and the client all import it.
 """
 from __future__ import annotations
 
@@ -119,6 +120,7 @@ class Settings:
     models_loaded_max: int = 3  # versions a worker keeps loaded (LRU)
     log_format: str = "text"  # or "json": one object per line, with the request id
     worker_metrics_port: int = 9101  # each worker's Prometheus endpoint (0: none; a busy port is logged, not fatal)
+    require_gpu: bool = False  # a worker refuses to start unless onnxruntime's CUDA provider runs (GPU workers)
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -155,6 +157,7 @@ class Settings:
             models_loaded_max=_number("MODELS_LOADED_MAX", cls.models_loaded_max, minimum=1),
             log_format=_choice("LOG_FORMAT", cls.log_format, ("text", "json")),
             worker_metrics_port=_number("WORKER_METRICS_PORT", cls.worker_metrics_port, minimum=0),
+            require_gpu=_flag("REQUIRE_GPU", cls.require_gpu),
         )
 
     @property
@@ -168,3 +171,21 @@ class Settings:
     def chunk_size_for(self, image_size: int) -> int:
         """Samples per job chunk for a model's image size: about the same seconds of work at any resolution."""
         return max(1, self.job_chunk_size * 32 * 32 // (image_size * image_size))
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    """What the client and the `skdcgn` CLI read: the service's URL and the API key they send (X-API-Key).
+
+    SKDCGN_API_KEY (one key, the client's) is not SKDCGN_API_KEYS (the keys a gateway accepts).
+    """
+
+    url: str = "http://127.0.0.1:8000"
+    api_key: str | None = None
+
+    @classmethod
+    def from_env(cls) -> "ClientSettings":
+        url = _env("URL", cls.url).strip().rstrip("/")
+        if not url.startswith(("http://", "https://")):
+            raise SettingsError(f"{PREFIX}URL={url!r} is not an http:// or https:// URL")
+        return cls(url=url, api_key=_env("API_KEY", "").strip() or None)

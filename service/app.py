@@ -16,7 +16,7 @@ import time
 import shutil
 import uuid
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -25,6 +25,7 @@ import redis.exceptions
 from fastapi import APIRouter, Depends, FastAPI, Query, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
 from fastapi.security import APIKeyHeader
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -32,10 +33,10 @@ from starlette.middleware import Middleware
 from starlette.routing import Match, Route, compile_path
 
 from core.compose import MaskModifiers
-from core.imageio import decode, encode, grid
+from core.imageio import decode, encode, labelled_rows
 from core.jobs import (
-    ACTIVE_STATES, PUBLIC_OWNER, SUCCEEDED, JobSpec, chunk_count, job_key, jobs_index_key, now_iso, owner_of,
-    result_paths, shard_count,
+    ACTIVE_STATES, CHECKSUMS_NAME, PUBLIC_OWNER, SUCCEEDED, TAR_FORMATS, JobSpec, chunk_count,
+    job_dir, job_key, jobs_index_key, now_iso, owner_of, result_files, result_paths, shard_count,
 )
 from core.logs import request_id
 from core.manifest import ManifestError, VersionNotFound
@@ -52,11 +53,12 @@ from service.jobstore import JobStore
 from service.limits import BodyLimit, clip, error_response, human_size, json_bodies, short_json
 from service.metrics import GatewayMetrics
 from service.schemas import (
-    CounterfactualRequest, JobList, JobRequest, JobState, JobStatus, Mechanism, MechanismRequest, RenderResponse,
-    api_description, error_responses,
+    CounterfactualRequest, JobChecksums, JobList, JobRequest, JobState, JobStatus, Mechanism, MechanismRequest,
+    RenderResponse, api_description, error_responses,
 )
 
 RANDOM_SEED_BITS = 32  # seeds the gateway picks stay exact in JavaScript clients
+STATIC_DIR = Path(__file__).resolve().parent / "static"  # the web playground served at /
 
 
 @dataclass
@@ -67,9 +69,17 @@ class Gateway:
     metrics: GatewayMetrics
     jobs: JobStore
     batcher: RenderBatcher
+    tasks: set = field(default_factory=set)
+
+    def background(self, coroutine) -> None:
+        """Run `coroutine` after the answer is sent (a reference is kept until it is done)."""
+        task = asyncio.create_task(coroutine)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
 
 
-def gateway(request: Request) -> Gateway:
+# Dependencies are coroutines: FastAPI runs plain functions in a thread pool, a thread hop on every request.
+async def gateway(request: Request) -> Gateway:
     return request.app.state.gateway
 
 
@@ -84,10 +94,10 @@ def valid_key(keys, x_api_key: str | None) -> bool:
     return bool(x_api_key) and any(secrets.compare_digest(x_api_key.encode(), key.encode()) for key in keys)
 
 
-def job_owner(request: Request, x_api_key: str | None = Security(API_KEY)) -> str:
+async def job_owner(request: Request, x_api_key: str | None = Security(API_KEY)) -> str:
     """Whose jobs a request sees. When SKDCGN_API_KEYS is set, job endpoints and downloads need one of its keys,
     and each key sees only its own jobs; without keys every job is public."""
-    keys = gateway(request).settings.api_keys
+    keys = request.app.state.gateway.settings.api_keys
     if not keys:
         return PUBLIC_OWNER
     if not x_api_key:
@@ -97,9 +107,9 @@ def job_owner(request: Request, x_api_key: str | None = Security(API_KEY)) -> st
     return owner_of(x_api_key)
 
 
-def sees_workers(request: Request, x_api_key: str | None = Security(API_KEY)) -> bool:
+async def sees_workers(request: Request, x_api_key: str | None = Security(API_KEY)) -> bool:
     """Whether the caller may see worker host names and PIDs: anyone without SKDCGN_API_KEYS, else a valid key."""
-    keys = gateway(request).settings.api_keys
+    keys = request.app.state.gateway.settings.api_keys
     return not keys or valid_key(keys, x_api_key)
 
 
@@ -111,10 +121,10 @@ def worker_view(workers: list[dict], detailed: bool) -> list[dict]:
             for number, worker in enumerate(workers, 1)]
 
 
-def generation_key(request: Request, x_api_key: str | None = Security(API_KEY)) -> None:
+async def generation_key(request: Request, x_api_key: str | None = Security(API_KEY)) -> None:
     """With SKDCGN_API_KEYS_FOR_GENERATION, the rendering endpoints need a key as well."""
-    if gateway(request).settings.api_keys_for_generation:
-        job_owner(request, x_api_key)
+    if request.app.state.gateway.settings.api_keys_for_generation:
+        await job_owner(request, x_api_key)
 
 
 # --- validation against the model and the server's limits ---------------------------------------------------------
@@ -160,6 +170,8 @@ CURSOR_MAX = 80
 DISK_MARGIN_BYTES = 64 << 20  # free space a job leaves untouched in the jobs directory
 SAMPLE_ARRAYS_BYTES = 4 * 8  # a sample's labels (3 int64) and index (int64) in the result
 TAR_MEMBER_BYTES = 1024 + 64  # a png job's tar header and padding per PNG, and its labels.csv row
+TAR_SAMPLE_BYTES = {"png": TAR_MEMBER_BYTES, "webdataset": 3 * 1024 + 128}  # webdataset: 3 members and the JSON
+MAX_SHARDS = 10_000  # tar shards per job: a smaller shard_size is refused (422)
 ACTIVE_SCAN = 500  # newest entries of a key's job index among which its active jobs are counted
 ACTIVE_RETRY_AFTER_S = 10
 
@@ -174,7 +186,7 @@ def free_bytes(path: Path) -> int:
 
 def sample_bytes(model: ResolvedModel, fmt: str) -> int:
     """A sample's share of a job's result: its 3·H·W uint8 image (a PNG is about that or less), labels and index."""
-    return 3 * model.image_size ** 2 + SAMPLE_ARRAYS_BYTES + (TAR_MEMBER_BYTES if fmt == "png" else 0)
+    return 3 * model.image_size ** 2 + SAMPLE_ARRAYS_BYTES + TAR_SAMPLE_BYTES.get(fmt, 0)
 
 
 def check_disk(gw: Gateway, model: ResolvedModel, n: int, fmt: str) -> None:
@@ -235,19 +247,57 @@ def wants_png(accept: str) -> bool:
     return False
 
 
-def render_response(request: RenderRequest, payload: str, cached: bool, accept: str) -> Response:
-    """The answer to a render: the payload's JSON text as it was cached (with `cached` added), or one PNG."""
+PNG_SCALE_MAX = 16
+PNG_MAX_PIXELS = 1 << 25  # 32 Mpx (96 MiB of RGB): a larger scale × grid is refused (422) before it is drawn
+GRID_PAD = 2  # pixels between the images of a PNG grid (core.imageio.grid's default)
+
+
+@dataclass(frozen=True)
+class PngLayout:
+    """How a PNG answer lays out its images: each upscaled `scale`× (nearest neighbour), `nrow` per row."""
+    scale: int = 1
+    nrow: Optional[int] = None
+
+
+async def png_layout(scale: int = Query(1, ge=1, le=PNG_SCALE_MAX,
+                                        description="with Accept: image/png: upscale each image this many times "
+                                                    "(nearest neighbour)"),
+                     nrow: Optional[int] = Query(None, ge=1, description="with Accept: image/png: images per row of "
+                                                                         "the grid (at most n are used); ⌈√n⌉ when "
+                                                                         "omitted"),
+                     ) -> PngLayout:
+    return PngLayout(scale, nrow)
+
+
+def png_picture(images: np.ndarray, layout: PngLayout) -> np.ndarray:
+    """uint8 [N, H, W, C] images as one picture: the image itself when N = 1, else a grid of `nrow` per row;
+    422 when it would be over PNG_MAX_PIXELS."""
+    count, height, width, _ = images.shape
+    columns = min(layout.nrow or int(np.ceil(np.sqrt(count))), count)
+    rows, pad = -(-count // columns), GRID_PAD if count > 1 else 0
+    out_height = rows * height * layout.scale + (rows + 1) * pad
+    out_width = columns * width * layout.scale + (columns + 1) * pad
+    if out_height * out_width > PNG_MAX_PIXELS:
+        raise ServiceError(422, f"scale={layout.scale} makes a {out_width}×{out_height} PNG of {count} images, over "
+                                f"this server's {PNG_MAX_PIXELS} pixels; ask for a smaller scale or n")
+    return labelled_rows([images], columns, scale=layout.scale, pad=pad)
+
+
+def render_response(request: RenderRequest, payload: str, cached: bool, accept: str,
+                    layout: PngLayout = PngLayout()) -> Response:
+    """The answer to a render: the payload's JSON text as it was cached (with `cached` added), or one PNG laid out
+    as `layout` says."""
     headers = {"X-Cache": "hit" if cached else "miss", "X-Seed": str(request.seed),
                **model_headers(request.family, request.version, request.manifest_sha256)}
     if wants_png(accept):
-        images = [decode(base64.b64decode(image)) for image in json.loads(payload)["images"]]
-        picture = images[0] if len(images) == 1 else grid(np.stack(images))
-        return Response(encode(picture), media_type="image/png", headers=headers)
+        images = np.stack([decode(base64.b64decode(image)) for image in json.loads(payload)["images"]])
+        return Response(encode(png_picture(images, layout)), media_type="image/png", headers=headers)
     body = f'{payload[:-1]},"cached":{"true" if cached else "false"}}}'  # the payload is a JSON object
     return Response(body, media_type="application/json", headers=headers)
 
 
-async def render(gw: Gateway, request: RenderRequest, route: str, accept: str) -> Response:
+async def render(gw: Gateway, request: RenderRequest, route: str, accept: str,
+                 layout: PngLayout = PngLayout()) -> Response:
     """From the batch cache, or rendered by a worker in a batch with other requests (service.batcher)."""
     started = time.perf_counter()
     key = request.cache_key()
@@ -263,22 +313,24 @@ async def render(gw: Gateway, request: RenderRequest, route: str, accept: str) -
         if reply.error is not None:
             raise ServiceError(reply.status, reply.error)
         payload = json.dumps(reply.payload, allow_nan=False, separators=(",", ":"))
-        await gw.broker.cache_set(key, payload)  # only successful, encodable answers are cached
-    response = render_response(request, payload, cached, accept)
+        gw.background(gw.broker.cache_set(key, payload))  # only successful, encodable answers are cached
+    response = render_response(request, payload, cached, accept, layout)
     source = "hit" if cached else "miss"
     gw.metrics.render_latency.labels(*labels, source).observe(time.perf_counter() - started)
     gw.metrics.images_served.labels(request.family, request.version, source).inc(request.n)
     return response
 
 
-PNG_RESPONSES = {200: {"content": {"image/png": {}}, "description": "JSON, or one PNG (a grid when n > 1) "
-                                                                     "with Accept: image/png"}}
+PNG_RESPONSES = {200: {"content": {"image/png": {}}, "description": "JSON, or one PNG (a grid when n > 1, "
+                                                                     "?scale= and ?nrow= lay it out) with "
+                                                                     "Accept: image/png"}}
 router = APIRouter()
 
 
 @router.post("/counterfactual", response_model=RenderResponse, responses=PNG_RESPONSES,
              dependencies=[Depends(generation_key)])
-async def counterfactual(body: CounterfactualRequest, request: Request, gw: Gateway = Depends(gateway)):
+async def counterfactual(body: CounterfactualRequest, request: Request, gw: Gateway = Depends(gateway),
+                         layout: PngLayout = Depends(png_layout)):
     """Counterfactual images: the shape of one label, the texture of another, the background of a third."""
     model = resolve_model(gw, body.model, body.version)
     check_mechanisms(model, MECHANISMS)
@@ -291,12 +343,13 @@ async def counterfactual(body: CounterfactualRequest, request: Request, gw: Gate
     task = RenderRequest("counterfactual", model.family, model.version, model.manifest_sha256, labels, body.n,
                          pick_seed(body.seed), body.mask.model_dump(), body.z, body.return_components,
                          body.return_noise, request_id.get())
-    return await render(gw, task, "/counterfactual", request.headers.get("accept", ""))
+    return await render(gw, task, "/counterfactual", request.headers.get("accept", ""), layout)
 
 
 @router.post("/generate/{mechanism}", response_model=RenderResponse, responses=PNG_RESPONSES,
              dependencies=[Depends(generation_key)])
-async def generate(mechanism: Mechanism, body: MechanismRequest, request: Request, gw: Gateway = Depends(gateway)):
+async def generate(mechanism: Mechanism, body: MechanismRequest, request: Request, gw: Gateway = Depends(gateway),
+                   layout: PngLayout = Depends(png_layout)):
     """One mechanism's raw output: masks (shape), foreground textures or backgrounds of a label."""
     model = resolve_model(gw, body.model, body.version)
     check_mechanisms(model, [mechanism])
@@ -308,10 +361,27 @@ async def generate(mechanism: Mechanism, body: MechanismRequest, request: Reques
                          body.n, pick_seed(body.seed), MaskModifiers().to_dict(),
                          {mechanism: body.z} if body.z is not None else None, return_noise=body.return_noise,
                          request_id=request_id.get())
-    return await render(gw, task, "/generate/{mechanism}", request.headers.get("accept", ""))
+    return await render(gw, task, "/generate/{mechanism}", request.headers.get("accept", ""), layout)
 
 
 # --- dataset jobs --------------------------------------------------------------------------------------------------
+
+def check_shard_size(shard_size: int | None, fmt: str, n: int, maximum: int) -> int:
+    """Samples per tar shard: the request's (png and webdataset jobs), at most SKDCGN_JOB_SHARD_SIZE and at most
+    MAX_SHARDS shards; the server's when omitted."""
+    if shard_size is None:
+        return maximum
+    if fmt not in TAR_FORMATS:
+        raise ServiceError(422, f"shard_size: a {fmt} result is one file; shard_size applies to "
+                                f"{' and '.join(TAR_FORMATS)} jobs")
+    if shard_size > maximum:
+        raise ServiceError(422, f"shard_size={clip(shard_size)} is over this server's maximum of {maximum} "
+                                "(SKDCGN_JOB_SHARD_SIZE)")
+    if chunk_count(n, shard_size) > MAX_SHARDS:
+        raise ServiceError(422, f"shard_size={shard_size} makes {chunk_count(n, shard_size)} shards of n={n} "
+                                f"samples, more than {MAX_SHARDS}; ask for shard_size ≥ {-(-n // MAX_SHARDS)}")
+    return shard_size
+
 
 @router.post("/jobs", status_code=202, response_model=JobStatus)
 async def create_job(body: JobRequest, gw: Gateway = Depends(gateway), owner: str = Depends(job_owner)):
@@ -326,13 +396,16 @@ async def create_job(body: JobRequest, gw: Gateway = Depends(gateway), owner: st
             check_labels(model, f"labels.{mechanism}", allowed)
             listed[mechanism] = sorted(set(allowed))  # duplicates dropped, in the spec and the stored request
         choices[mechanism] = listed.get(mechanism, list(range(model.label_count)))
+    shard_size = check_shard_size(body.shard_size, body.format, body.n, gw.settings.job_shard_size)
     check_disk(gw, model, body.n, body.format)
     await check_active_jobs(gw, owner)
     await gw.broker.admit(JOBS_QUEUE, gw.settings.job_queue_bound, f"{model.family}/{model.version}")
     seed = pick_seed(body.seed)
-    chunk_size, shard_size = gw.settings.chunk_size_for(model.image_size), gw.settings.job_shard_size
-    request = body.model_dump() | {"model": model.family, "version": model.version, "seed": seed,
-                                   "labels": {mechanism: listed.get(mechanism) for mechanism in MECHANISMS}}
+    chunk_size = gw.settings.chunk_size_for(model.image_size)
+    # shard_size only when asked for: requests of earlier releases (and their provenance) stay as they were
+    request = body.model_dump(exclude={"shard_size"} if body.shard_size is None else None) | {
+        "model": model.family, "version": model.version, "seed": seed,
+        "labels": {mechanism: listed.get(mechanism) for mechanism in MECHANISMS}}
     spec = JobSpec(id=uuid.uuid4().hex, family=model.family, version=model.version,
                    manifest_sha256=model.manifest_sha256, n=body.n, chunk_size=chunk_size,
                    chunks=chunk_count(body.n, chunk_size), shard_size=shard_size,
@@ -363,29 +436,72 @@ async def get_job(job_id: str, gw: Gateway = Depends(gateway), owner: str = Depe
     return await gw.jobs.status(job_id, owner)
 
 
-@router.get("/jobs/{job_id}/result",
-            responses={200: {"content": {"application/octet-stream": {}, "application/x-tar": {}}}})
-async def get_job_result(job_id: str, shard: Optional[int] = Query(None, ge=0, description="tar shard of a png job"),
-                         gw: Gateway = Depends(gateway), owner: str = Depends(job_owner)):
-    """The dataset: result.npz (images, labels, indices, provenance.json), or a png job's tar shard of PNGs with
-    labels.csv and provenance.json."""
+RESULT_MEDIA = {".npz": "application/octet-stream", ".tar": "application/x-tar", ".json": "application/json"}
+
+
+async def succeeded_status(gw: Gateway, job_id: str, owner: str) -> dict:
+    """The job's status; 409 unless it has succeeded."""
     status = await gw.jobs.status(job_id, owner)
     if status["state"] != SUCCEEDED:
         progress = status["progress"]
         raise ServiceError(409, f"job {job_id} is {status['state']} ({progress['done']}/{progress['total']} samples); "
                                 "its result exists once it has succeeded")
+    return status
+
+
+def result_file_names(gw: Gateway, status: dict) -> list[str]:
+    """Names of every file of a succeeded job's result (from its record; from the layout for a job assembled
+    before the record listed them)."""
+    if status["files"] is not None:
+        return [item["name"] for item in status["files"]]
+    return [path.name for path in result_files(gw.settings.jobs_dir, status["id"], status["format"], status["shards"])]
+
+
+@router.get("/jobs/{job_id}/result",
+            responses={200: {"content": {"application/octet-stream": {}, "application/x-tar": {},
+                                         "application/json": {}, "text/plain": {}}},
+                       206: {"description": "the byte range asked for with a Range header"}})
+async def get_job_result(job_id: str, shard: Optional[int] = Query(None, ge=0, description="tar shard of a png or "
+                                                                                          "webdataset job"),
+                         file: Optional[str] = Query(None, max_length=100,
+                                                     description="any file of the result by name, as `files` in the "
+                                                                 "job's status lists them (e.g. provenance.json)"),
+                         gw: Gateway = Depends(gateway), owner: str = Depends(job_owner)):
+    """The dataset: result.npz (images, labels, indices, provenance.json), a png job's tar shard of PNGs with
+    labels.csv and provenance.json, or a webdataset job's tar shard of samples; `?file=` names any file of the
+    result, a webdataset job's provenance.json and SHA256SUMS included. Range requests resume a download (206)."""
+    status = await succeeded_status(gw, job_id, owner)
     shards = status["shards"]
-    if shard is None and shards > 1:
-        raise ServiceError(422, f"shard: job {job_id}'s result is {shards} tar shards; ask for ?shard=0 .. {shards - 1}")
-    if (shard or 0) >= shards:
-        raise ServiceError(404, f"job {job_id} has no shard {shard}; its shards are 0 .. {shards - 1}")
-    path = result_paths(gw.settings.jobs_dir, job_id, status["format"], shards)[shard or 0]
+    if file is not None:
+        if shard is not None:
+            raise ServiceError(422, "ask for ?shard= or ?file=, not both")
+        names = result_file_names(gw, status)
+        if file not in names:
+            raise ServiceError(404, f"job {job_id} has no file {clip(file)!r}; its files are {', '.join(names)}")
+        path, filename = job_dir(gw.settings.jobs_dir, job_id) / file, file
+    else:
+        if shard is None and shards > 1:
+            raise ServiceError(422, f"shard: job {job_id}'s result is {shards} tar shards; ask for "
+                                    f"?shard=0 .. {shards - 1}")
+        if (shard or 0) >= shards:
+            raise ServiceError(404, f"job {job_id} has no shard {shard}; its shards are 0 .. {shards - 1}")
+        path = result_paths(gw.settings.jobs_dir, job_id, status["format"], shards)[shard or 0]
+        filename = f"{job_id}{path.suffix}" if shards == 1 else f"{job_id}-{shard:05d}{path.suffix}"
     if not path.is_file():
-        raise ServiceError(410, f"the result file of job {job_id} is gone from the data directory")
-    media = "application/x-tar" if status["format"] == "png" else "application/octet-stream"
-    filename = f"{job_id}{path.suffix}" if shards == 1 else f"{job_id}-{shard:05d}{path.suffix}"
+        raise ServiceError(410, f"the result file {path.name} of job {job_id} is gone from the data directory")
+    media = "text/plain" if path.name == CHECKSUMS_NAME else RESULT_MEDIA.get(path.suffix, "application/octet-stream")
     return FileResponse(path, media_type=media, filename=filename,
                         headers=model_headers(status["model"], status["version"], status["manifest_sha256"]))
+
+
+@router.get("/jobs/{job_id}/checksums", response_model=JobChecksums)
+async def get_job_checksums(job_id: str, gw: Gateway = Depends(gateway), owner: str = Depends(job_owner)):
+    """The sha256 of every file of a succeeded job's result, as the worker that assembled it computed them:
+    {"id", "algorithm": "sha256", "files": {name: hex digest}}."""
+    status = await succeeded_status(gw, job_id, owner)
+    if status["files"] is None:
+        raise ServiceError(404, f"job {job_id} was assembled by a release that recorded no checksums")
+    return {"id": job_id, "algorithm": "sha256", "files": {item["name"]: item["sha256"] for item in status["files"]}}
 
 
 @router.delete("/jobs/{job_id}", response_model=JobStatus, responses={204: {"description": "the ended job is deleted"}})
@@ -553,6 +669,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                   middleware=[Middleware(BodyLimit, max_bytes=settings.max_body_bytes)])
     app.state.gateway = gw
     app.include_router(router)
+    # The web playground: plain HTML, CSS and JavaScript, no build step.
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+    @app.get("/", include_in_schema=False)
+    async def playground():
+        """The web playground (service/static/index.html)."""
+        return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
 
     app.add_middleware(GatewayMiddleware, max_in_flight=settings.max_in_flight, metrics=gw.metrics)
 

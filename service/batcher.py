@@ -1,8 +1,10 @@
 """Batching across requests, in the gateway, before Celery: concurrent cache misses share one onnxruntime call.
 
-A miss joins the pending batch. The batch goes to a worker as one task when no batch is being rendered (an idle
-service adds no delay), when its oldest request has waited `batch_window_ms`, or when it holds
-`max_batch_samples` images. The worker renders it in one call of the graphs per model version and answers all
+A miss joins the pending batch. The batch goes to a worker as one task at once when the service is quiet
+(nothing being rendered, no other request within the window: an idle service adds no delay), when it holds
+`max_batch_samples` images, or when its oldest request has waited `batch_window_ms` and fewer than
+PIPELINE_DEPTH batches per live worker are being rendered (so each worker has its next batch queued, never a
+backlog of small ones: under load, batches grow instead of queueing up). The worker renders it in one call of the graphs per model version and answers all
 its requests in one reply; each caller gets its own images, exactly those it would get alone, since every sample
 draws its noise from its own seed. While Redis is down, every waiting request is answered 503 at once.
 """
@@ -18,6 +20,7 @@ from service.broker import Broker, ServiceError
 from service.metrics import GatewayMetrics
 
 Waiting = tuple[RenderRequest, asyncio.Future]
+PIPELINE_DEPTH = 2  # batches per live worker in flight: one rendering, one queued behind it
 
 
 class RenderBatcher:
@@ -27,6 +30,7 @@ class RenderBatcher:
         self.pending: list[Waiting] = []
         self.pending_samples = 0
         self.oldest = 0.0  # when the oldest pending request arrived (monotonic)
+        self.last_arrival = 0.0
         self.timer: asyncio.TimerHandle | None = None
         self.in_flight: dict[asyncio.Task, list[Waiting]] = {}
 
@@ -34,15 +38,28 @@ class RenderBatcher:
         """The worker's answer to `request`, rendered in a batch with whatever else arrived meanwhile."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
+        now = time.monotonic()
+        quiet = now - self.last_arrival >= self.window_s  # no other request lately: nothing to wait for
+        self.last_arrival = now
         if not self.pending:
-            self.oldest = time.monotonic()
+            self.oldest = now
         self.pending.append((request, future))
         self.pending_samples += request.n
-        if self.pending_samples >= self.settings.max_batch_samples or not self.in_flight or self.window_s == 0:
+        if self.pending_samples >= self.settings.max_batch_samples or (quiet and not self.in_flight) \
+                or self.window_s == 0:
             self.dispatch()
         elif self.timer is None:
-            self.timer = loop.call_at(loop.time() + self.window_s - (time.monotonic() - self.oldest), self.dispatch)
+            self.timer = loop.call_at(loop.time() + self.window_s - (time.monotonic() - self.oldest),
+                                      self._window_elapsed)
         return await future
+
+    def _room(self) -> bool:
+        return len(self.in_flight) < PIPELINE_DEPTH * max(1, self.broker.worker_count())
+
+    def _window_elapsed(self) -> None:
+        self.timer = None
+        if self._room():
+            self.dispatch()  # otherwise the next finished batch sends it
 
     def dispatch(self) -> None:
         """Send the pending requests as one task (no-op when none wait)."""
@@ -59,8 +76,8 @@ class RenderBatcher:
 
     def _finished(self, task: asyncio.Task) -> None:
         self.in_flight.pop(task, None)
-        if self.pending and not self.in_flight:
-            self.dispatch()  # the workers are free again: what waited goes now
+        if self.pending and time.monotonic() - self.oldest >= self.window_s and self._room():
+            self.dispatch()  # a worker is free again: what waited its window goes now
 
     async def _render_batch(self, items: list[Waiting]) -> None:
         batch = RenderBatch([request for request, _ in items], uuid.uuid4().hex, time.time())

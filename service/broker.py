@@ -4,23 +4,25 @@ Two connection pools: short commands (cache, job records, admission) time out af
 blocking waits for replies (BLPOP, one per batch in flight) have their own pool. Both pools are larger than the
 requests admitted at once, so overload is answered 429 by admission and never surfaces as a pool error. A probe
 pings Redis twice a second; while it fails, every request that needs Redis is answered 503 at once, waiting
-requests included, and the gateway recovers by itself when Redis answers again. Publishing goes through
-Celery's (blocking) producer in a thread, bounded by the same timeout.
+requests included, and the gateway recovers by itself when Redis answers again. Publishing is
+one LPUSH of the task, in the envelope of Celery's Redis transport, from the event loop.
 """
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import math
 import time
+import uuid
 from typing import Callable
 from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
-from kombu.exceptions import OperationalError
+from kombu import serialization
 
 from core.celery_config import make_celery
-from core.messages import STATS_KEY, WORKER_PREFIX, BatchReply, reply_key
+from core.messages import QUEUES, STATS_KEY, TASK_QUEUES, WORKER_PREFIX, BatchReply, reply_key
 from core.settings import Settings
 
 
@@ -69,6 +71,7 @@ class Broker:
         self.down_reason: str | None = None  # why the last probe failed; None while Redis answers
         self.on_down: list[Callable[[ServiceError], None]] = []
         self._workers: tuple[float, list[dict]] = (0.0, [])
+        self.depths: dict[str, int] = {}  # queue -> tasks waiting, as of the last probe
 
     async def close(self) -> None:
         await self.redis.aclose()
@@ -86,11 +89,13 @@ class Broker:
             raise self.outage(self.down_reason)
 
     async def probe_forever(self) -> None:
-        """Ping Redis every PROBE_INTERVAL_S; on failure answer everything waiting with 503 (see on_down)."""
+        """Every PROBE_INTERVAL_S read the queue depths and the workers' heartbeats, which admission then uses
+        without a Redis call per request; on failure answer everything waiting with 503 (see on_down)."""
         while True:
             try:
-                await asyncio.wait_for(self.redis.ping(), self.settings.redis_timeout_s)
-                self.down_reason = None
+                depths = await asyncio.wait_for(self._read_depths(), self.settings.redis_timeout_s)
+                await asyncio.wait_for(self.workers(), self.settings.redis_timeout_s)
+                self.depths, self.down_reason = depths, None
             except (aioredis.RedisError, asyncio.TimeoutError, OSError) as exc:
                 first = self.down_reason is None
                 self.down_reason = str(exc) or "no answer within {:g} s".format(self.settings.redis_timeout_s)
@@ -98,6 +103,12 @@ class Broker:
                     for callback in self.on_down:
                         callback(self.outage(self.down_reason))
             await asyncio.sleep(PROBE_INTERVAL_S)
+
+    async def _read_depths(self) -> dict[str, int]:
+        pipe = self.redis.pipeline()
+        for queue in QUEUES:
+            pipe.llen(queue)
+        return dict(zip(QUEUES, await pipe.execute()))
 
     async def workers(self) -> list[dict]:
         """Heartbeats of the workers that are up and have loaded their models."""
@@ -112,12 +123,13 @@ class Broker:
         read_at, found = self._workers
         return found if time.monotonic() - read_at < WORKERS_FRESH_S else await self.workers()
 
-    async def queue_depth(self, queue: str) -> int:
-        return await self.redis.llen(queue)
+    def worker_count(self) -> int:
+        """Workers up at the last read of their heartbeats (no Redis call)."""
+        return len(self._workers[1])
 
     async def admit(self, queue: str, bound: int, model: str) -> None:
         """503 when Redis or every worker is down or a worker refuses `model` ("family/version"), 429 with
-        Retry-After when the queue is deeper than `bound`."""
+        Retry-After when the queue is deeper than `bound` (as of the last probe, at most PROBE_INTERVAL_S ago)."""
         self.ensure_up()
         workers = await self.recent_workers()
         if not workers:
@@ -128,26 +140,34 @@ class Broker:
             family = model.split("/")[0]
             raise ServiceError(503, f"model {model} is unavailable: {refused}; restore its files or ask for another "
                                     f"version (GET /models/{family} lists them)")
-        depth = await self.queue_depth(queue)
+        depth = self.depths.get(queue, 0)
         if depth > bound:
             raise ServiceError(429, f"the {queue} queue holds {depth} tasks (bound {bound}); retry later",
                                {"Retry-After": str(max(1, math.ceil(depth / max(bound, 1))))})
 
-    async def send(self, name: str, calls: list[tuple[str, dict]], expires: float | None = None) -> None:
-        """Publish (task_id, message) pairs over one producer connection; 503 when Redis refuses or stalls."""
-        def publish() -> None:
-            with self.celery.producer_or_acquire() as producer:
-                for task_id, message in calls:
-                    # Answers travel through reply lists and job records: the worker stores no Celery result.
-                    self.celery.send_task(name, args=[message], task_id=task_id, expires=expires, producer=producer,
-                                          ignore_result=True)
+    def envelope(self, name: str, task_id: str, message: dict, expires: float | None) -> str:
+        """The task as Celery's Redis transport stores it in its queue: Celery builds the task message (protocol 2
+        headers, body), kombu's envelope wraps it. Built here so that publishing is one LPUSH from the event loop:
+        Celery's blocking producer, run in a thread, waited for the GIL behind the event loop (10-20 ms a batch)."""
+        task = self.celery.amqp.as_task_v2(task_id, name, args=[message], expires=expires, ignore_result=True)
+        content_type, encoding, body = serialization.dumps(task.body, serializer="json")
+        properties = {**task.properties, "delivery_mode": 2, "priority": 0, "body_encoding": "base64",
+                      "delivery_info": {"exchange": "", "routing_key": TASK_QUEUES[name]},
+                      "delivery_tag": str(uuid.uuid4())}
+        if expires is not None:
+            properties["expiration"] = str(int(expires * 1000))
+        return json.dumps({"body": base64.b64encode(body.encode()).decode(), "content-encoding": encoding,
+                           "content-type": content_type, "headers": task.headers, "properties": properties})
 
+    async def send(self, name: str, calls: list[tuple[str, dict]], expires: float | None = None) -> None:
+        """Queue (task_id, message) pairs of task `name` in one round trip; 503 when Redis refuses or stalls."""
         self.ensure_up()
+        envelopes = [self.envelope(name, task_id, message, expires) for task_id, message in calls]
         try:
-            await asyncio.wait_for(asyncio.to_thread(publish), 2 * self.settings.redis_timeout_s + len(calls) / 1000)
-        except (OperationalError, asyncio.TimeoutError) as exc:
+            await self.redis.lpush(TASK_QUEUES[name], *envelopes)
+        except (aioredis.ConnectionError, aioredis.TimeoutError) as exc:
             raise ServiceError(503, f"cannot queue work on Redis at {redis_location(self.settings.redis_url)}: "
-                                    f"{exc or 'no answer'}; retry shortly", {"Retry-After": "2"}) from exc
+                                    f"{exc}; retry shortly", {"Retry-After": "2"}) from exc
 
     async def wait_batch(self, reply_to: str) -> BatchReply:
         timeout = self.settings.sync_timeout_s

@@ -19,7 +19,7 @@ import redis.asyncio as aioredis
 
 from core.jobs import (
     CANCELLED, JOB_ID_PATTERN, JOBS_ENDED_KEY, QUEUED, SUCCEEDED, JobSpec, discard_chunks, done_samples, end_args,
-    job_chunks_key, job_dir, job_key, jobs_index_key,
+    job_chunks_key, job_dir, job_key, jobs_index_key, parse_files,
 )
 from core.messages import STATS_KEY
 from service.broker import ServiceError
@@ -35,11 +35,14 @@ def status_view(record: dict, done_chunks: int, last_chunk_done: bool) -> dict:
     """The JobStatus body of a job hash, given how many of its chunks are on disk."""
     total, chunk_size = int(record["n"]), int(record["chunk_size"])
     succeeded = record["state"] == SUCCEEDED
-    status = {key: record.get(key) for key in STATUS_FIELDS}
+    status = {key: record.get(key) for key in STATUS_FIELDS} | {"files": None}
     status.update(seed=int(record["seed"]), shards=int(record["shards"]), progress={
         "done": total if succeeded else done_samples(done_chunks, last_chunk_done, chunk_size, total), "total": total})
     if succeeded:
         status["result_url"] = f"/jobs/{record['id']}/result"
+        files = parse_files(record.get("files"))  # None for a job assembled before checksums were recorded
+        status["files"] = None if files is None else [
+            {**item, "url": f"/jobs/{record['id']}/result?file={item['name']}"} for item in files]
     return status
 
 

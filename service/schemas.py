@@ -16,7 +16,7 @@ from core.compose import MODIFIER_FIELDS
 from core.settings import Settings
 
 Mechanism = Literal["shape", "texture", "background"]
-JobFormat = Literal["npz", "png"]
+JobFormat = Literal["npz", "png", "webdataset"]
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 SEED_MAX = 2**63 - 1
 FLOAT32_MAX = 3.4028235e38
@@ -104,7 +104,12 @@ class JobRequest(ModelChoice):
         1, ge=1, description="k: samples i with equal i // k share the shape label and shape z of the group's first"
     )
     seed: Optional[int] = Field(None, ge=0, le=SEED_MAX)
-    format: JobFormat = "npz"
+    format: JobFormat = Field("npz", description="npz: one file; png: tar shards of PNGs with labels.csv and "
+                                                 "provenance.json; webdataset: tar shards of <key>.png, <key>.cls, "
+                                                 "<key>.json samples, provenance.json and SHA256SUMS beside them")
+    shard_size: Optional[int] = Field(None, ge=1, description="samples per tar shard of a png or webdataset job; "
+                                                              "the server's SKDCGN_JOB_SHARD_SIZE when omitted, "
+                                                              "and at most that")
     labels: LabelChoices = Field(default_factory=LabelChoices)
     mask: MaskBody = Field(default_factory=MaskBody)
 
@@ -127,6 +132,13 @@ class JobProgress(BaseModel):
     total: int
 
 
+class JobFile(BaseModel):
+    name: str = Field(description="file name: result.npz, result-<shard>.tar, provenance.json or SHA256SUMS")
+    bytes: int
+    sha256: str = Field(description="computed by the worker that assembled the result")
+    url: str = Field(description="GET it (HTTP Range requests resume an interrupted download)")
+
+
 class JobStatus(BaseModel):
     id: str
     state: JobState
@@ -135,13 +147,23 @@ class JobStatus(BaseModel):
     version: str
     manifest_sha256: str
     format: JobFormat
-    shards: int = Field(description="result files: 1 for npz; png results are tar shards of SKDCGN_JOB_SHARD_SIZE")
+    shards: int = Field(description="data files: 1 for npz; png and webdataset results are tar shards of "
+                                    "shard_size samples")
     seed: int
     created: str
     started: Optional[str] = None
     finished: Optional[str] = None
     error: Optional[str] = None
     result_url: Optional[str] = Field(None, description="add ?shard=i (0 ≤ i < shards) when shards > 1")
+    files: Optional[list[JobFile]] = Field(None, description="once succeeded: every file of the result (data files, "
+                                                             "then a webdataset job's provenance.json and "
+                                                             "SHA256SUMS) with its size, sha256 and URL")
+
+
+class JobChecksums(BaseModel):
+    id: str
+    algorithm: Literal["sha256"] = "sha256"
+    files: dict[str, str] = Field(description="file name -> hex digest, for every file of the result")
 
 
 class JobList(BaseModel):
@@ -177,7 +199,7 @@ def error_responses(settings: Settings) -> dict[int, dict]:
         403: "the X-API-Key header holds no valid key",
         404: "no such route, model family, version, mechanism or job (another key's jobs are not found either)",
         405: "the route does not take this method; the Allow header lists those it takes",
-        409: "GET /jobs/{job_id}/result: the job has not succeeded (yet)",
+        409: "GET /jobs/{job_id}/result and /checksums: the job has not succeeded (yet)",
         410: "GET /jobs/{job_id}/result: the result file is gone",
         413: f"the body is over SKDCGN_MAX_BODY_BYTES ({size} bytes here), by its Content-Length or as streamed",
         415: "a POST body whose Content-Type is not application/json",

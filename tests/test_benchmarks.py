@@ -1,19 +1,22 @@
 """Benchmark mechanics: MAC counting with known answers, the teacher's ONNX export, the ONNX variants timed as
-ModelRuntime's own calls, the model benchmark end to end on tiny students, and the serving load generator (against a stub app, then against the real service).
+ModelRuntime's own calls, the model benchmark end to end on tiny students, and the serving benchmark (its wrk
+summary and targets, its Lua script against a stub app, then the whole run against the real service).
 Nothing here asserts a speed."""
 from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import threading
 import time
-import uuid
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import uvicorn
 from fastapi import FastAPI
+from fastapi.responses import JSONResponse
 from torch import nn
 
 from benchmarks import models as model_bench
@@ -110,34 +113,26 @@ def test_model_benchmark_writes_results(tmp_path, tiny_models, restore_torch_thr
 
 
 PNG = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg=="
+needs_wrk = pytest.mark.skipif(shutil.which("wrk") is None,
+                               reason="wrk is not installed (apt-get install wrk): the serving benchmark's load "
+                                      "generator")
 
 
 def stub_app() -> FastAPI:
-    """Just the HTTP contract: answers are cached by body, jobs succeed on the third poll."""
-    app, seen, polls = FastAPI(), set(), {}
-
-    @app.get("/readyz")
-    async def ready():
-        return {"ready": True}
+    """Just the HTTP contract of POST /counterfactual: X-Cache by body, and every fifth request answered 429."""
+    app, seen, count = FastAPI(), set(), [0]
 
     @app.post("/counterfactual")
     async def counterfactual(body: dict):
+        count[0] += 1
+        if count[0] % 5 == 0:
+            return JSONResponse({"error": "busy"}, status_code=429, headers={"Retry-After": "1"})
         key = json.dumps(body, sort_keys=True)
         cached = key in seen
         seen.add(key)
         await asyncio.sleep(0.001)
-        return {"images": [PNG] * body["n"], "cached": cached}
-
-    @app.post("/jobs", status_code=202)
-    async def create_job(body: dict):
-        job_id = uuid.uuid4().hex
-        polls[job_id] = 0
-        return {"id": job_id, "state": "queued"}
-
-    @app.get("/jobs/{job_id}")
-    async def job(job_id: str):
-        polls[job_id] += 1
-        return {"id": job_id, "state": "succeeded" if polls[job_id] >= 3 else "running"}
+        return JSONResponse({"images": [PNG] * body["n"], "cached": cached, "seed": body["seed"]},
+                            headers={"X-Cache": "hit" if cached else "miss"})
 
     return app
 
@@ -155,38 +150,88 @@ def stub_url():
     thread.join(timeout=10)
 
 
-def test_load_generator_mechanics_against_stub_app(stub_url):
-    """Load-generator mechanics only (a stub app, not the service): bounds, hit/miss phases, percentiles, jobs."""
-    result = asyncio.run(serving.benchmark(stub_url, "m", concurrencies=(1, 4), max_requests=20, max_seconds=5,
-                                           job_n=10, job_timeout_s=10))
-    assert [level["concurrency"] for level in result["levels"]] == [1, 4]
-    for level in result["levels"]:
-        miss, hit = level["miss"], level["hit"]
-        assert miss["requests"] <= 20 and miss["ok"] == miss["requests"] and miss["cached_answers"] == 0
-        assert hit["cached_answers"] == hit["ok"] > 0
-        assert miss["p50_ms"] <= miss["p95_ms"] <= miss["p99_ms"]
-    assert result["job"]["state"] == "succeeded" and result["job"]["images_per_second"] > 0
-    timed = asyncio.run(serving.benchmark(stub_url, "m", concurrencies=(2,), max_requests=10**6, max_seconds=0.3,
-                                          job_n=1, job_timeout_s=10))
-    assert timed["levels"][0]["miss"]["requests"] < 10**6  # the time bound, not the count, ended the phase
+WRK_LINE = ('WRK_JSON {"duration_us":2000000,"requests":110,"bytes":5000,"retry_after":10,'
+            '"errors":{"connect":0,"read":1,"write":0,"status":10,"timeout":0},'
+            '"statuses":{"200":100,"429":10},"x_cache":{"miss":100},'
+            '"latency_us":{"min":500,"max":90000,"mean":4000.5,"stdev":10.0,'
+            '"percentiles":{"50":2000,"90":5000,"99":8000,"99.9":9000}}}')
 
 
-def test_load_generator_refuses_non_loopback():
+def test_wrk_summary_and_targets():
+    """The `done` hook's JSON becomes a load point; the targets read points and the raw engine (no wrk needed)."""
+    point = serving.summarise(serving.parse_wrk("Running 2s test\n" + WRK_LINE + "\n"), 32)
+    assert point["answered"] == 110 and point["ok"] == 100 and point["non_2xx"] == 10
+    assert point["share_429"] == pytest.approx(10 / 110) and point["retry_after_429"] == 10
+    assert point["ok_per_second"] == pytest.approx(50) and point["requests_per_second"] == pytest.approx(55)
+    assert point["p50_ms"] == 2 and point["p99_ms"] == 8 and point["p99_over_p50"] == 4
+    assert point["socket_errors"] == {"connect": 0, "read": 1, "write": 0, "timeout": 0}
+    with pytest.raises(serving.BenchmarkError, match="WRK_JSON"):
+        serving.parse_wrk("no summary")
+
+    clean = dict(point, statuses={"200": 100}, non_2xx=0, share_429=0.0, retry_after_429=0,
+                 socket_errors=dict.fromkeys(point["socket_errors"], 0))
+    result = {
+        "levels": [{"concurrency": 32, "miss": clean, "hit": dict(clean, ok_per_second=30.0),
+                    "minimal": dict(clean, ok_per_second=50.0, p99_over_p50=5.0)},
+                   {"concurrency": 128, "miss": point, "hit": clean, "minimal": clean}],
+        "raw_engine": {"with_noise_and_composition_images_per_second": 100.0},
+        "job": {"images_per_second": 50.0},
+    }
+    found = {t["target"].split(" ≥")[0].split(" no worse")[0]: t for t in serving.targets(result)}
+    assert [t["met"] for t in serving.targets(result)] == [True, True, True, True, True, False, None]
+    assert found["n = 1 misses/s at concurrency 32"]["value"] == pytest.approx(0.5)
+    assert found["cache hits/s at concurrency 32"]["value"] == pytest.approx(0.6)
+    result["levels"][1]["miss"] = dict(point, statuses={"200": 100, "503": 10})  # overload must never be 503
+    assert serving.targets(result)[4]["met"] is False
+    result["levels"] = result["levels"][1:]  # no concurrency 32: those targets are not measured
+    assert [t["met"] for t in serving.targets(result)][:4] == [None] * 4
+
+
+@needs_wrk
+def test_wrk_script_against_stub_app(stub_url):
+    """The Lua script's mechanics against a stub (not the service): fresh seeds miss, one body hits, statuses
+    and Retry-After are counted."""
+    miss = serving.run_wrk(stub_url, "miss", "m", 1000, concurrency=2, duration_s=1, threads=2, timeout_s=5)
+    assert miss["answered"] > 0 and miss["statuses"].get("200", 0) == miss["x_cache"].get("miss", 0) == miss["ok"]
+    assert miss["retry_after_429"] == miss["statuses"].get("429", 0) and miss["share_429"] is not None
+    hit = serving.run_wrk(stub_url, "hit", "m", 7, concurrency=2, duration_s=1, timeout_s=5)
+    assert hit["x_cache"].get("hit", 0) >= hit["ok"] - 1 and hit["x_cache"].get("miss", 0) <= 1
+    assert hit["p50_ms"] <= hit["p99_ms"]
+
+
+def test_benchmark_refuses_non_loopback():
     with pytest.raises(serving.BenchmarkError, match="loopback"):
-        asyncio.run(serving.benchmark("http://example.com:8000", "m"))
+        serving.run_wrk("http://example.com:8000", "miss", "m", 0, 1, 1)
+    with pytest.raises(serving.BenchmarkError, match="loopback"):
+        serving.benchmark("http://127.0.0.1:8000", "redis://10.0.0.1:6379/0", "redis://127.0.0.1:6379/0", "m",
+                          "models", Path("."))
 
 
+@needs_wrk
 def test_serving_benchmark_against_the_real_service(stack, models_dir, tmp_path):
-    """A few seconds of load on the real gateway + Celery worker + Redis (the service tests' shared stack)."""
-    result = asyncio.run(serving.benchmark(stack.url, FAMILY, concurrencies=(1, 4), max_requests=12, max_seconds=4,
-                                           job_n=100, job_timeout_s=60))
-    result["raw_onnxruntime"] = serving.raw_onnxruntime(str(models_dir), FAMILY, 64, batch=32)
+    """The whole benchmark, 1 s per point at concurrency 1 and 4, against the real gateway + Celery worker + Redis
+    (the service tests' shared stack): every field of the JSON, the Markdown section and the plot. Timings are
+    measured, never asserted."""
+    results, md = tmp_path / "results", tmp_path / "docs" / "RESULTS.md"
+    assert serving.main([
+        "--url", stack.url, "--redis-url", stack.env["SKDCGN_REDIS_URL"], "--models-dir", str(models_dir),
+        "--model", FAMILY, "--threads", "1", "--duration", "1", "--concurrency", "1,4", "--raw-seconds", "0.2",
+        "--job-n", "100", "--job-timeout", "60", "--results-dir", str(results), "--results-md", str(md)]) == 0
+    result = json.loads((results / f"serving_{FAMILY}.json").read_text())
+    assert {"url", "minimal_url", "model", "version", "duration_s", "concurrency", "wrk", "onnxruntime_threads",
+            "raw_engine", "levels", "job", "targets", "hit_answer_bytes", "host_at_start", "host_at_end"} <= set(result)
+    assert result["concurrency"] == [1, 4] and [level["concurrency"] for level in result["levels"]] == [1, 4]
+    point_fields = {"concurrency", "seconds", "answered", "ok", "non_2xx", "statuses", "share_429", "retry_after_429",
+                    "socket_errors", "x_cache", "requests_per_second", "ok_per_second", "bytes", "p50_ms", "p90_ms",
+                    "p99_ms", "p999_ms", "mean_ms", "max_ms", "p99_over_p50"}
     for level in result["levels"]:
-        assert level["miss"]["ok"] > 0 and level["hit"]["ok"] > 0
-        assert level["hit"]["cached_answers"] == level["hit"]["ok"]
+        assert "drain_seconds" in level
+        for kind in serving.KINDS:
+            assert point_fields <= set(level[kind]), (kind, set(level[kind]))
+            assert all(status.isdigit() for status in level[kind]["statuses"])
+        assert "miss" not in level["hit"]["x_cache"] and "hit" not in level["miss"]["x_cache"]
+    assert {"version", "batch", "onnxruntime_threads", "fused_images_per_second",
+            "with_noise_and_composition_images_per_second"} <= set(result["raw_engine"])
     assert result["job"]["state"] == "succeeded"
-    serving.plot(result, tmp_path / "latency.png")
-    text = serving.markdown(result, "latency.png")
-    assert "p95 ms" in text and "Raw onnxruntime" in text and (tmp_path / "latency.png").is_file()
-    bulk, hit = serving.targets(result)  # measured, never asserted: timings are not test outcomes
-    assert bulk["value"] > 0 and hit["value"] > 0 and "cache-hit p50" in text
+    assert len(result["targets"]) == 7 and all({"target", "value", "shown", "met"} <= set(t) for t in result["targets"])
+    assert (md.parent / serving.PLOT_NAME).is_file() and f"bench-serving-{FAMILY}" in md.read_text()

@@ -151,7 +151,7 @@ BAD_INPUTS = [
      {"shape": 1, "texture": 1, "background": 1, "z": {"shape": [[0.0] * 31]}}, 422, "1 vectors of 32 numbers"),
     ("unknown mechanism", "/generate/colour", {"label": 1}, 422, "'shape', 'texture' or 'background'"),
     ("mechanism label too big", "/generate/shape", {"label": 12}, 422, "labels 0..9"),
-    ("unknown job format", "/jobs", {"n": 10, "format": "gif"}, 422, "'npz' or 'png'"),
+    ("unknown job format", "/jobs", {"n": 10, "format": "gif"}, 422, "'npz', 'png' or 'webdataset'"),
     ("job over the maximum", "/jobs", {"n": 5001}, 422, "maximum of 5000"),
     ("job label out of range", "/jobs", {"n": 10, "labels": {"shape": [0, 12]}}, 422, "labels.shape: label 12"),
     ("job with empty label list", "/jobs", {"n": 10, "labels": {"texture": []}}, 422, "at least 1 item"),
@@ -205,8 +205,8 @@ def test_docker_compose_file_validates():
                             text=True, check=False)
     assert result.returncode == 0, result.stderr
     services = yaml.safe_load(result.stdout)["services"]
-    assert {"redis", "cache", "gateway", "worker"} <= set(services)
-    (device,) = services["worker"]["deploy"]["resources"]["reservations"]["devices"]
+    assert {"redis", "cache", "gateway", "worker-cpu", "worker-gpu"} <= set(services)
+    (device,) = services["worker-gpu"]["deploy"]["resources"]["reservations"]["devices"]
     assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
     assert services["gateway"]["depends_on"]["redis"]["condition"] == "service_healthy"
     assert all("healthcheck" in service for service in services.values())

@@ -56,9 +56,12 @@ class LoadedModels:
     second cheaply; thread-safe (the watcher thread and the task thread both use it).
     """
 
-    def __init__(self, models_dir: Path, capacity: int, ort_threads: int):
+    def __init__(self, models_dir: Path, capacity: int, ort_threads: int, require_gpu: bool | None = None):
         self.models_dir, self.capacity, self.ort_threads = Path(models_dir), capacity, ort_threads
-        self.providers = execution_providers()
+        if require_gpu is None:  # SKDCGN_REQUIRE_GPU: a GPU worker never serves on the CPU
+            from core.settings import Settings
+            require_gpu = Settings.from_env().require_gpu
+        self.providers = execution_providers(require_gpu=require_gpu)  # GpuUnavailable: no CUDA when required
         self._loaded: OrderedDict[tuple[str, str], ModelRuntime] = OrderedDict()
         # (family, version) -> (file signature, refusal reason or None): files are hashed again only when they change.
         self._checked: dict[tuple[str, str], tuple[tuple, str | None]] = {}

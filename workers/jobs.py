@@ -4,9 +4,11 @@ A chunk is a pure function of the job spec and its index (noise and labels come 
 so rendering it twice, on any worker, writes the same file: a chunk redelivered after a crash is harmless.
 Chunk files are written under a temporary name and renamed; the result is assembled under a Redis lock,
 and the job's state moves to `succeeded` only once, through the transition script. The result is one npz, or
-for png jobs tar shards of `shard_size` samples, streamed from the chunk files; each carries a provenance.json
-naming the model version, its manifest sha256, the request and the seeds of its samples. Chunk files go as
-soon as the job ends, whichever way.
+for png and webdataset jobs tar shards of `shard_size` samples, streamed from the chunk files (one tar writer).
+A provenance.json names the model version, its manifest sha256, the request and the seeds of the samples:
+inside the npz and each png shard; beside the webdataset shards, which hold only sample members
+(`<key>.png`, `<key>.cls`, `<key>.json`), with SHA256SUMS. The sha256 of every result file is recorded in the
+job hash as the job succeeds. Chunk files go as soon as the job ends, whichever way.
 """
 from __future__ import annotations
 
@@ -22,12 +24,14 @@ from pathlib import Path
 import numpy as np
 import redis
 
-from core.atomic import atomic_path
+from core.atomic import atomic_path, write_text_atomic
 from core.compose import MaskModifiers
+from core.hashing import sha256_file
 from core.imageio import encode
 from core.jobs import (
-    ACTIVE_STATES, CANCELLED, FAILED, SUCCEEDED, JobSpec, chunk_bounds, chunk_done_args, chunk_path, discard_chunks, end_args,
-    job_chunks_key, job_key, job_lock_key, now_iso, result_paths, start_args,
+    ACTIVE_STATES, CANCELLED, FAILED, PROVENANCE_NAME, SUCCEEDED, JobSpec, checksums_text,
+    chunk_bounds, chunk_done_args, chunk_path, discard_chunks, end_args, files_field, job_chunks_key, job_key,
+    job_lock_key, now_iso, result_paths, sidecar_paths, start_args,
 )
 from core.logs import NO_REQUEST, request_id
 from core.messages import STATS_KEY, ChunkTask
@@ -84,8 +88,9 @@ def write_chunk(path: Path, arrays: dict[str, np.ndarray]) -> None:
         np.savez(handle, **arrays)
 
 
-def provenance(job: JobSpec, start: int, stop: int, shard: int) -> dict:
-    """What names the model behind samples start..stop-1 of a job, and what it takes to render them again."""
+def provenance(job: JobSpec, start: int, stop: int, shard: int | None) -> dict:
+    """What names the model behind samples start..stop-1 of a job, and what it takes to render them again
+    (`shard` None: the whole job's, beside a webdataset job's shards)."""
     return {
         "job_id": job.id, "request": job.request, "family": job.family, "version": job.version,
         "manifest_sha256": job.manifest_sha256, "seed": job.seed, "samples": job.n,
@@ -95,8 +100,8 @@ def provenance(job: JobSpec, start: int, stop: int, shard: int) -> dict:
     }
 
 
-def _provenance_text(job: JobSpec, start: int, stop: int, shard: int) -> str:
-    return json.dumps(provenance(job, start, stop, shard), indent=2) + "\n"
+def _provenance_text(job: JobSpec, start: int, stop: int, shard: int | None, **extra) -> str:
+    return json.dumps(provenance(job, start, stop, shard) | extra, indent=2) + "\n"
 
 
 def _samples(chunk_paths: list[Path]):
@@ -134,39 +139,94 @@ def _add_bytes(archive: tarfile.TarFile, name: str, data: bytes) -> None:
     archive.addfile(info, io.BytesIO(data))
 
 
-def _write_tars(targets: list[Path], chunk_paths: list[Path], job: JobSpec) -> None:
-    """Tar shards of `shard_size` samples: PNG files, labels.csv (file, labels, seed, index) and provenance.json."""
-    width = max(6, len(str(job.n - 1)))
+def _write_shards(targets: list[Path], chunk_paths: list[Path], job: JobSpec, sample_members, shard_members) -> None:
+    """The one tar writer: shards of `shard_size` samples streamed from the chunk files, in index order.
+    `sample_members(image, labels, index)` gives a sample's (name, bytes) members; `shard_members(shard, start,
+    stop)` those that close a shard (called after its samples)."""
     samples = _samples(chunk_paths)
     for shard, target in enumerate(targets):
         start, stop = chunk_bounds(shard, job.shard_size, job.n)
-        rows = ["file,shape,texture,background,seed,index"]
+        count = 0
         with atomic_path(target) as tmp, tarfile.open(tmp, "w") as archive:
-            for expected, (image, (shape, texture, background), index) in zip(range(start, stop), samples):
+            for expected, (image, labels, index) in zip(range(start, stop), samples):
                 if index != expected:
                     raise AssemblyError(f"chunks hold sample {index} where sample {expected} belongs")
-                name = f"images/{index:0{width}d}.png"
-                _add_bytes(archive, name, encode(image))
-                rows.append(f"{name},{shape},{texture},{background},{job.seed},{index}")
-            if len(rows) - 1 != stop - start:
-                raise AssemblyError(f"chunks hold {start + len(rows) - 1} samples, the job asked for {job.n}")
-            _add_bytes(archive, "labels.csv", ("\n".join(rows) + "\n").encode())
-            _add_bytes(archive, "provenance.json", _provenance_text(job, start, stop, shard).encode())
+                for name, data in sample_members(image, labels, int(index)):
+                    _add_bytes(archive, name, data)
+                count += 1
+            if count != stop - start:
+                raise AssemblyError(f"chunks hold {start + count} samples, the job asked for {job.n}")
+            for name, data in shard_members(shard, start, stop):
+                _add_bytes(archive, name, data)
 
 
-def assemble(jobs_dir: Path, job: JobSpec) -> list[Path]:
-    """The result files of a job whose chunks are all on disk: one npz, or the png job's tar shards."""
+def _key_width(job: JobSpec) -> int:
+    return max(6, len(str(job.n - 1)))
+
+
+def _write_tars(targets: list[Path], chunk_paths: list[Path], job: JobSpec) -> None:
+    """png jobs: PNG files, labels.csv (file, labels, seed, index) and provenance.json in each shard."""
+    width, rows = _key_width(job), []
+
+    def sample_members(image, labels, index):
+        name = f"images/{index:0{width}d}.png"
+        shape, texture, background = (int(value) for value in labels)
+        rows.append(f"{name},{shape},{texture},{background},{job.seed},{index}")
+        yield name, encode(image)
+
+    def shard_members(shard, start, stop):
+        table = "\n".join(["file,shape,texture,background,seed,index", *rows]) + "\n"
+        rows.clear()
+        yield "labels.csv", table.encode()
+        yield PROVENANCE_NAME, _provenance_text(job, start, stop, shard).encode()
+
+    _write_shards(targets, chunk_paths, job, sample_members, shard_members)
+
+
+def webdataset_sample(job: JobSpec, labels, index: int) -> dict:
+    """The `<key>.json` member of a webdataset sample."""
+    shape, texture, background = (int(value) for value in labels)
+    return {"shape": shape, "texture": texture, "background": background, "seed": job.seed, "index": index}
+
+
+def _write_webdataset(jobs_dir: Path, targets: list[Path], chunk_paths: list[Path], job: JobSpec) -> dict[Path, str]:
+    """webdataset jobs: shards of sample members only (`<key>.png`, `<key>.cls` the shape label as text,
+    `<key>.json` the three labels, seed and index; the key is the zero-padded index), then provenance.json and
+    SHA256SUMS beside them. Returns every file's sha256."""
+    width = _key_width(job)
+
+    def sample_members(image, labels, index):
+        key = f"{index:0{width}d}"
+        yield f"{key}.png", encode(image)
+        yield f"{key}.cls", str(int(labels[0])).encode()
+        yield f"{key}.json", json.dumps(webdataset_sample(job, labels, index), separators=(",", ":")).encode()
+
+    _write_shards(targets, chunk_paths, job, sample_members, lambda shard, start, stop: ())
+    provenance_path, checksums_path = sidecar_paths(jobs_dir, job.id, job.format)
+    shard_files = [{"name": target.name, "indices": list(chunk_bounds(shard, job.shard_size, job.n))}
+                   for shard, target in enumerate(targets)]
+    write_text_atomic(provenance_path, _provenance_text(job, 0, job.n, None, files=shard_files))
+    digests = {path: sha256_file(path) for path in [*targets, provenance_path]}
+    write_text_atomic(checksums_path, checksums_text({path.name: digest for path, digest in digests.items()}))
+    return digests | {checksums_path: sha256_file(checksums_path)}
+
+
+def assemble(jobs_dir: Path, job: JobSpec) -> dict[Path, str]:
+    """The result files of a job whose chunks are all on disk, each with its sha256, in download order: one npz,
+    the png job's tar shards, or the webdataset job's shards, provenance.json and SHA256SUMS."""
     paths = [chunk_path(jobs_dir, job.id, chunk) for chunk in range(job.chunks)]
     missing = [path.name for path in paths if not path.is_file()]
     if missing:
         raise AssemblyError(f"chunk files missing: {', '.join(missing[:5])}")
     targets = result_paths(jobs_dir, job.id, job.format, job.shards)
+    if job.format == "webdataset":
+        return _write_webdataset(jobs_dir, targets, paths, job)
     if job.format == "npz":
         with atomic_path(targets[0]) as tmp:
             _write_npz(tmp, paths, job)
     else:
         _write_tars(targets, paths, job)
-    return targets
+    return {path: sha256_file(path) for path in targets}
 
 
 def load_spec(client: redis.Redis, job_id: str) -> JobSpec | None:
@@ -245,8 +305,10 @@ def _assemble_once(client: redis.Redis, settings: Settings, job: JobSpec) -> Non
         if client.hget(job_key(job.id), "state") not in ACTIVE_STATES:
             return
         results = assemble(settings.jobs_dir, job)
-        size = sum(path.stat().st_size for path in results)
-        if client.eval(*end_args(job.id, SUCCEEDED, result_bytes=str(size))):
+        files = [{"name": path.name, "bytes": path.stat().st_size, "sha256": digest}
+                 for path, digest in results.items()]
+        size = sum(item["bytes"] for item in files)
+        if client.eval(*end_args(job.id, SUCCEEDED, result_bytes=str(size), files=files_field(files))):
             client.hincrby(STATS_KEY, "jobs_succeeded", 1)
         elif client.hget(job_key(job.id), "state") == CANCELLED:  # no result may appear for a cancelled job
             for path in results:

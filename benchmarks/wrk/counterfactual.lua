@@ -1,0 +1,96 @@
+-- wrk script of benchmarks/serving.py: POST /counterfactual with n = 1, and a JSON summary when the run ends.
+--
+--   wrk -t2 -c32 -d10s --timeout 30s -s benchmarks/wrk/counterfactual.lua URL/counterfactual -- MODE MODEL SEED
+--
+-- MODE "miss": a fresh seed per request (SEED + thread id * 2^32 + a per-thread counter), so every request
+--   misses the batch cache; labels cycle with the seed.
+-- MODE "hit": the same body every request (seed SEED), which the caller has requested once beforehand.
+-- The `response` hook counts statuses, 429 answers that carry Retry-After, and the X-Cache header; `done`
+-- prints one line "WRK_JSON {...}" with those counts, wrk's latency percentiles (microseconds) and errors.
+-- Seeds stay below 2^53, so Lua's doubles hold them exactly.
+
+local threads = {}
+
+function setup(thread)
+   thread:set("id", #threads)
+   table.insert(threads, thread)
+end
+
+local function body_for(seed)
+   return string.format('{"model":"%s","shape":%d,"texture":%d,"background":%d,"n":1,"seed":%.0f}',
+      model, seed % 10, math.floor(seed / 10) % 10, math.floor(seed / 100) % 10, seed)
+end
+
+function init(args)
+   mode, model, base = args[1], args[2], tonumber(args[3])
+   if (mode ~= "miss" and mode ~= "hit") or model == nil or base == nil then
+      error("usage: -- miss|hit MODEL SEED")
+   end
+   counter = 0
+   statuses, x_cache, retry_after = {}, {}, 0
+   wrk.method = "POST"
+   wrk.headers["Content-Type"] = "application/json"
+   if mode == "hit" then
+      fixed = wrk.format("POST", nil, nil, body_for(base))
+   end
+end
+
+function request()
+   if fixed then
+      return fixed
+   end
+   counter = counter + 1
+   return wrk.format("POST", nil, nil, body_for(base + id * 4294967296 + counter))
+end
+
+function response(status, headers, body)
+   local key = tostring(status)
+   statuses[key] = (statuses[key] or 0) + 1
+   local cache = headers["x-cache"] or headers["X-Cache"]
+   if cache then
+      x_cache[cache] = (x_cache[cache] or 0) + 1
+   end
+   if status == 429 and (headers["retry-after"] or headers["Retry-After"]) then
+      retry_after = retry_after + 1
+   end
+end
+
+local function encode(value)
+   if type(value) == "table" then
+      local parts = {}
+      for k, v in pairs(value) do
+         table.insert(parts, string.format("%q:%s", tostring(k), encode(v)))
+      end
+      return "{" .. table.concat(parts, ",") .. "}"
+   elseif type(value) == "string" then
+      return string.format("%q", value)
+   elseif value ~= value or value == math.huge or value == -math.huge then
+      return "null"
+   end
+   return string.format("%.17g", value)
+end
+
+local function add(into, counts)
+   for k, v in pairs(counts or {}) do
+      into[k] = (into[k] or 0) + v
+   end
+end
+
+function done(summary, latency, requests)
+   local all_statuses, all_cache, all_retry = {}, {}, 0
+   for _, thread in ipairs(threads) do
+      add(all_statuses, thread:get("statuses"))
+      add(all_cache, thread:get("x_cache"))
+      all_retry = all_retry + (thread:get("retry_after") or 0)
+   end
+   local percentiles = {}
+   for _, p in ipairs({50, 90, 99, 99.9}) do
+      percentiles[tostring(p)] = latency:percentile(p)
+   end
+   io.write("WRK_JSON " .. encode({
+      duration_us = summary.duration, requests = summary.requests, bytes = summary.bytes,
+      errors = summary.errors, statuses = all_statuses, x_cache = all_cache, retry_after = all_retry,
+      latency_us = {min = latency.min, max = latency.max, mean = latency.mean, stdev = latency.stdev,
+                    percentiles = percentiles},
+   }) .. "\n")
+end
