@@ -42,15 +42,24 @@ sample: install
 		--out docs/teacher_double_colored.png
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(SERVE_VENV) .pytest_cache
 
 .PHONY: run
 # The service on localhost with the shipped model: Redis (started if none answers), one Celery worker and the
-# gateway; prints the URL, Ctrl-C stops everything. HOST/PORT override 127.0.0.1:8000.
+# gateway; prints the URL, Ctrl-C stops everything. HOST/PORT override 127.0.0.1:8000. It runs from its own
+# virtualenv with only what serving needs (gateway, worker, onnxruntime CPU: no torch), from the serve lock.
 HOST ?= 127.0.0.1
 PORT ?= 8000
-run: install
-	$(PY) -m service.run_local --host $(HOST) --port $(PORT)
+SERVE_VENV ?= .venv-serve
+$(SERVE_VENV)/.installed: pyproject.toml requirements/serve.lock.txt
+	$(PYTHON) -m venv $(SERVE_VENV)
+	$(SERVE_VENV)/bin/pip install --require-hashes --no-deps -r requirements/serve.lock.txt
+	$(SERVE_VENV)/bin/pip install --no-deps -e .
+	$(SERVE_VENV)/bin/pip check
+	touch $@
+
+run: $(SERVE_VENV)/.installed
+	$(SERVE_VENV)/bin/python -m service.run_local --host $(HOST) --port $(PORT)
 
 .PHONY: eval bench
 # Every shipped MNIST family against its teacher: fidelity, then the invariant-classifier experiment at the

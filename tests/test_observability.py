@@ -68,3 +68,39 @@ def test_metrics_are_labelled_by_model_and_version_on_both_sides(tmp_path, model
         assert "_created" not in body
     finally:
         stack.stop()
+
+
+def test_the_dashboard_and_scrape_config_name_only_metrics_that_exist():
+    """Every series the Grafana dashboard plots is one the gateway or a worker exports."""
+    import re
+
+    import yaml
+    from prometheus_client import generate_latest
+
+    from core.settings import REPO_ROOT
+    from service.metrics import GatewayMetrics
+    from workers.metrics import WorkerMetrics
+
+    gateway = GatewayMetrics()
+    gateway.cluster.snapshot = {"queues": {"interactive": 0}, "stats": {}, "workers": 1}
+    gateway.observe("/counterfactual", "POST", 200, 0.01)
+    gateway.render_latency.labels("/counterfactual", FAMILY, SHIPPED_VERSION, "hit").observe(0.01)
+    gateway.batch_requests.observe(3)
+    for counter in (gateway.cache_hits, gateway.cache_misses):
+        counter.labels("/counterfactual", FAMILY, SHIPPED_VERSION).inc()
+    gateway.images_served.labels(FAMILY, SHIPPED_VERSION, "hit").inc()
+    worker = WorkerMetrics()
+    model = type("Model", (), {"family": FAMILY, "version": SHIPPED_VERSION, "provider": "CPUExecutionProvider"})
+    worker.rendered(model, "interactive", 3, 0.01, requests=3)
+    worker.queue_wait.labels("interactive").observe(0.001)
+    exported = set()
+    for text in (gateway.render(gateway.cluster.snapshot), generate_latest(worker.registry)):
+        exported |= {line.split("{")[0].split(" ")[0] for line in text.decode().splitlines() if not line.startswith("#")}
+    dashboard = (REPO_ROOT / "docker" / "grafana" / "dashboards" / "skdcgn.json").read_text()
+    plotted = set(re.findall(r"\bskdcgn_\w+", dashboard))
+    assert plotted and plotted <= exported, sorted(plotted - exported)
+    scrape = yaml.safe_load((REPO_ROOT / "docker" / "prometheus.yml").read_text())
+    assert {job["job_name"] for job in scrape["scrape_configs"]} == {"gateway", "workers"}
+    compose = yaml.safe_load((REPO_ROOT / "docker-compose.yml").read_text())
+    assert {"prometheus", "grafana"} <= set(compose["services"])
+    assert set(scrape["scrape_configs"][1]["dns_sd_configs"][0]["names"]) <= set(compose["services"])
