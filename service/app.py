@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gc
 import json
 import secrets
 import time
@@ -46,6 +47,7 @@ from core.messages import (
 from core.noise import MECHANISMS
 from core.settings import Settings
 from service.middleware import GatewayMiddleware
+from service.repeats import REMEMBER, RepeatedRenders
 from service.batcher import RenderBatcher
 from service.broker import Broker, ServiceError, redis_location, refusals
 from service.catalog import ModelCatalog, ResolvedModel, UnknownModel
@@ -303,11 +305,7 @@ async def render(gw: Gateway, request: RenderRequest, route: str, accept: str,
     key = request.cache_key()
     payload = await gw.broker.cache_get(key)
     cached = payload is not None
-    labels = (route, request.family, request.version)
-    if cached:
-        gw.metrics.cache_hits.labels(*labels).inc()
-    else:
-        gw.metrics.cache_misses.labels(*labels).inc()
+    if not cached:
         await gw.broker.admit(INTERACTIVE_QUEUE, gw.settings.queue_bound, f"{request.family}/{request.version}")
         reply = await gw.batcher.render(request)
         if reply.error is not None:
@@ -315,16 +313,30 @@ async def render(gw: Gateway, request: RenderRequest, route: str, accept: str,
         payload = json.dumps(reply.payload, allow_nan=False, separators=(",", ":"))
         gw.background(gw.broker.cache_set(key, payload))  # only successful, encodable answers are cached
     response = render_response(request, payload, cached, accept, layout)
+    count_render(gw, request, route, cached, started)
+    return response
+
+
+def count_render(gw: Gateway, request: RenderRequest, route: str, cached: bool, started: float) -> None:
+    """The render metrics of one answered request, labelled by route, model and version."""
+    labels = (route, request.family, request.version)
+    (gw.metrics.cache_hits if cached else gw.metrics.cache_misses).labels(*labels).inc()
     source = "hit" if cached else "miss"
     gw.metrics.render_latency.labels(*labels, source).observe(time.perf_counter() - started)
     gw.metrics.images_served.labels(request.family, request.version, source).inc(request.n)
-    return response
+
+
+def remember(request: Request, task: RenderRequest, asked_version: str | None, seeded: bool) -> None:
+    """Let service.repeats answer byte-identical requests from the cache (only seeded ones without explicit z)."""
+    if seeded and task.z is None:
+        request.scope[REMEMBER] = (task, asked_version)
 
 
 PNG_RESPONSES = {200: {"content": {"image/png": {}}, "description": "JSON, or one PNG (a grid when n > 1, "
                                                                      "?scale= and ?nrow= lay it out) with "
                                                                      "Accept: image/png"}}
 router = APIRouter()
+COUNTERFACTUAL_ROUTE, GENERATE_ROUTE = "/counterfactual", "/generate/{mechanism}"
 
 
 @router.post("/counterfactual", response_model=RenderResponse, responses=PNG_RESPONSES,
@@ -343,7 +355,9 @@ async def counterfactual(body: CounterfactualRequest, request: Request, gw: Gate
     task = RenderRequest("counterfactual", model.family, model.version, model.manifest_sha256, labels, body.n,
                          pick_seed(body.seed), body.mask.model_dump(), body.z, body.return_components,
                          body.return_noise, request_id.get())
-    return await render(gw, task, "/counterfactual", request.headers.get("accept", ""), layout)
+    response = await render(gw, task, COUNTERFACTUAL_ROUTE, request.headers.get("accept", ""), layout)
+    remember(request, task, body.version, body.seed is not None)
+    return response
 
 
 @router.post("/generate/{mechanism}", response_model=RenderResponse, responses=PNG_RESPONSES,
@@ -361,7 +375,9 @@ async def generate(mechanism: Mechanism, body: MechanismRequest, request: Reques
                          body.n, pick_seed(body.seed), MaskModifiers().to_dict(),
                          {mechanism: body.z} if body.z is not None else None, return_noise=body.return_noise,
                          request_id=request_id.get())
-    return await render(gw, task, "/generate/{mechanism}", request.headers.get("accept", ""), layout)
+    response = await render(gw, task, GENERATE_ROUTE, request.headers.get("accept", ""), layout)
+    remember(request, task, body.version, body.seed is not None)
+    return response
 
 
 # --- dataset jobs --------------------------------------------------------------------------------------------------
@@ -645,6 +661,19 @@ def internal_error(_: Request, exc: Exception) -> JSONResponse:
                                "persists")
 
 
+GC_THRESHOLDS = (50_000, 20, 100)  # allocations before a young collection (default 700), then the older ones
+
+
+def calm_garbage_collector() -> None:
+    """Fewer, cheaper garbage collections: the startup heap (FastAPI's routes and schemas, pydantic's validators)
+    moves to the permanent generation and young collections run every 50,000 allocations. With the defaults, a
+    full collection walked that heap every few thousand requests and was the gateway's p99 at 32 concurrent
+    clients (33 ms against a 6 ms p50; 6-8 ms with these)."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings.from_env()
     broker = Broker(settings)
@@ -658,6 +687,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         background = [asyncio.create_task(gw.jobs.cleanup_forever(settings.job_retention_s,
                                                                    settings.cleanup_interval_s)),
                       asyncio.create_task(broker.probe_forever())]
+        calm_garbage_collector()
         yield
         for task in background:
             task.cancel()
@@ -677,6 +707,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         """The web playground (service/static/index.html)."""
         return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
 
+    async def answer_repeat(task: RenderRequest, payload: str) -> Response:
+        started = time.perf_counter()
+        response = render_response(task, payload, True, "application/json")
+        route = COUNTERFACTUAL_ROUTE if task.kind == "counterfactual" else GENERATE_ROUTE
+        count_render(gw, task, route, True, started)
+        return response
+
+    # Outermost first: request id, admission and metrics around everything; repeated renders before FastAPI.
+    app.add_middleware(RepeatedRenders, resolve=gw.catalog.resolve, cached=broker.cache_get, answer=answer_repeat,
+                       enabled=lambda: not settings.api_keys_for_generation)
     app.add_middleware(GatewayMiddleware, max_in_flight=settings.max_in_flight, metrics=gw.metrics)
 
     @app.exception_handler(ServiceError)

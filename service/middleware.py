@@ -15,6 +15,7 @@ import time
 from core.logs import REQUEST_ID_HEADER, accept_request_id, request_id
 from service.metrics import GatewayMetrics
 
+ROUTE_KEY = "skdcgn.route"  # the route template of a request answered before FastAPI routed it (service.repeats)
 ALWAYS_ADMITTED = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
@@ -54,8 +55,8 @@ class GatewayMiddleware:
                 self.in_flight -= 1
         finally:
             route = scope.get("route")
-            self.metrics.observe(route.path if route else "unmatched", scope["method"], status,
-                                 time.perf_counter() - started)
+            path = route.path if route else scope.get(ROUTE_KEY, "unmatched")
+            self.metrics.observe(path, scope["method"], status, time.perf_counter() - started)
             request_id.reset(token)
 
     async def refuse(self, send) -> None:

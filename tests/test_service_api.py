@@ -212,3 +212,17 @@ def test_docker_compose_file_validates():
     assert all("healthcheck" in service for service in services.values())
     assert "noeviction" in " ".join(services["redis"]["command"])
     assert "allkeys-lru" in " ".join(services["cache"]["command"])
+
+
+def test_a_repeated_request_is_answered_from_the_cache_with_the_same_body(client):
+    """Byte-identical seeded requests skip validation (service.repeats) and answer exactly what the first did."""
+    body = {"shape": 6, "texture": 0, "background": 9, "n": 2, "seed": 31337}
+    first, second, third = (client.post("/counterfactual", json=body) for _ in range(3))
+    assert [answer.headers["x-cache"] for answer in (first, second, third)] == ["miss", "hit", "hit"]
+    assert second.content == third.content and second.json() == {**first.json(), "cached": True}
+    for answer in (second, third):
+        assert answer.headers["x-model-version"] == first.headers["x-model-version"]
+        assert answer.headers["x-request-id"] != first.headers["x-request-id"]
+    text = client.get("/metrics").text
+    assert metric(text, "skdcgn_http_requests_total", method="POST", route="/counterfactual", status="200") >= 3
+    assert metric(text, "skdcgn_http_requests_total", method="POST", route="unmatched", status="200") == 0
