@@ -352,23 +352,15 @@ def main(argv: Optional[list[str]] = None) -> int:
             return int(exit_.code)
 
     from client.errors import APIError, SkdcgnError
-    from core.settings import SettingsError
-
     try:
         return COMMANDS[args.command](args)
     except APIError as exc:
         print(f"error: {exc.message} (HTTP {exc.status})", file=sys.stderr)
         return USAGE if exc.status in USAGE_STATUSES else FAILED
-    except SettingsError as exc:
+    except ValueError as exc:  # a bad value, SKDCGN_* settings included
         print(f"error: {exc}", file=sys.stderr)
         return USAGE
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return USAGE
-    except SkdcgnError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return FAILED
-    except OSError as exc:
+    except (SkdcgnError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return FAILED
     except KeyboardInterrupt:

@@ -106,7 +106,7 @@ class Settings:
     visibility_timeout_s: int = 30
     job_chunk_size: int = 1000  # samples per chunk at 32×32; a larger image size gets proportionally fewer
     chunk_attempts: int = 3  # tries of a chunk that raises (with backoff) before its job fails
-    batch_window_ms: float = 1.0  # how long a cache miss waits for others under load (1 ms beat 2, 4 and 8 at 32 clients)
+    batch_window_ms: float = 1.0  # how long a miss waits for others under load (1 ms beat 2, 4, 8 at 32 clients)
     max_batch_samples: int = 256  # images per batched render task
     max_in_flight: int = 256  # requests one gateway process serves at once; more are answered 429
     redis_timeout_s: float = 1.0  # every non-blocking Redis call and the health probe: Redis frozen → 503 fast

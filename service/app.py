@@ -678,8 +678,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings.from_env()
     broker = Broker(settings)
     metrics = GatewayMetrics()
-    gw = Gateway(settings, ModelCatalog(settings.models_dir), broker, metrics, JobStore(broker.redis, settings.jobs_dir),
-                 RenderBatcher(broker, settings, metrics))
+    gw = Gateway(settings, ModelCatalog(settings.models_dir), broker, metrics,
+                 JobStore(broker.redis, settings.jobs_dir), RenderBatcher(broker, settings, metrics))
     broker.on_down.append(gw.batcher.fail_all)
 
     @asynccontextmanager

@@ -1,12 +1,12 @@
 """Batching across requests, in the gateway, before Celery: concurrent cache misses share one onnxruntime call.
 
-A miss joins the pending batch. The batch goes to a worker as one task at once when the service is quiet
-(nothing being rendered, no other request within the window: an idle service adds no delay), when it holds
-`max_batch_samples` images, or when its oldest request has waited `batch_window_ms` and fewer than
-PIPELINE_DEPTH batches per live worker are being rendered (so each worker has its next batch queued, never a
-backlog of small ones: under load, batches grow instead of queueing up). The worker renders it in one call of the graphs per model version and answers all
-its requests in one reply; each caller gets its own images, exactly those it would get alone, since every sample
-draws its noise from its own seed. While Redis is down, every waiting request is answered 503 at once.
+A miss joins the pending batch. The batch goes to a worker as one task at once when the service is quiet (nothing
+being rendered, no other request within the window: an idle service adds no delay), when it holds
+`max_batch_samples` images, or when its oldest request has waited `batch_window_ms` and fewer than PIPELINE_DEPTH
+batches per live worker are being rendered (so each worker has its next batch queued, never a backlog of small ones:
+under load, batches grow instead of queueing up). The worker renders it in one call of the graphs per model version
+and answers all its requests in one reply; each caller gets its own images, exactly those it would get alone, since
+every sample draws its noise from its own seed. While Redis is down, every waiting request is answered 503 at once.
 """
 from __future__ import annotations
 

@@ -1,10 +1,10 @@
 """Job records as the gateway sees them: creation, status, ownership, listing, cancelling, deletion, retention.
 
-A job hash (`skdcgn:job:<id>`) holds the job's status fields and its spec (core.jobs.JobSpec), written once by
-the gateway and moved through its states by core.jobs's transitions, by the gateway and the workers alike. Each owner (the hash of an API key, or `public`) has an index of
-its jobs by creation time, which GET /jobs pages through; the transition script files ended jobs by end time,
-which is the retention clock, so the cleanup never sees a queued or running job. Result files live in the
-data directory the gateway shares with the workers.
+A job hash (`skdcgn:job:<id>`) holds the job's status fields and its spec (core.jobs.JobSpec), written once by the
+gateway and moved through its states by core.jobs's transitions, by the gateway and the workers alike. Each owner
+(the hash of an API key, or `public`) has an index of its jobs by creation time, which GET /jobs pages through; the
+transition script files ended jobs by end time, which is the retention clock, so the cleanup never sees a queued or
+running job. Result files live in the data directory the gateway shares with the workers.
 """
 from __future__ import annotations
 

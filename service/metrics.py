@@ -1,9 +1,9 @@
 """Prometheus metrics of the gateway, plus the cluster-wide figures kept in Redis, read at scrape time.
 
 Requests, latency and cache lookups are counted by this gateway process; whatever concerns a model is labelled
-`model` and `version` (as the workers' own metrics are, see workers/metrics.py), routes are `route` everywhere. Queue depth, ready workers, job
-counts and images generated are shared by every gateway and worker, so they live in Redis (the stats hash
-and the queues) and are read when /metrics is scraped.
+`model` and `version` (as the workers' own metrics are, see workers/metrics.py), routes are `route` everywhere.
+Queue depth, ready workers, job counts and images generated are shared by every gateway and worker, so they live in
+Redis (the stats hash and the queues) and are read when /metrics is scraped.
 """
 from __future__ import annotations
 

@@ -24,12 +24,9 @@ def models_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory, models_dir):
     """The shared stack: Redis, one worker, one gateway (small limits so the limits are testable)."""
-    service = ServiceStack(tmp_path_factory.mktemp("stack"), models_dir, max_n=16, max_job_n=5000,
-                           job_chunk_size=50, sync_timeout_s=20, heartbeat_ttl_s=10, visibility_timeout_s=60)
-    try:
-        yield service.start()
-    finally:
-        service.stop()
+    with ServiceStack(tmp_path_factory.mktemp("stack"), models_dir, max_n=16, max_job_n=5000,
+                      job_chunk_size=50, sync_timeout_s=20, heartbeat_ttl_s=10, visibility_timeout_s=60) as service:
+        yield service
 
 
 @pytest.fixture(scope="session")

@@ -91,5 +91,12 @@ class ServiceStack:
         self.wait_ready(self.url)
         return self
 
+    def __enter__(self) -> "ServiceStack":
+        return self.start()
+
+    def __exit__(self, *_) -> None:
+        self.stop()
+
     def stop(self) -> None:
-        stop(list(self.gateways.values()) + list(self.workers.values()) + ([self.redis_process] if self.redis_process else []))
+        redis_server = [self.redis_process] if self.redis_process else []
+        stop(list(self.gateways.values()) + list(self.workers.values()) + redis_server)

@@ -15,7 +15,8 @@ from core.celery_config import make_celery
 from core.compose import MaskModifiers
 from core.jobs import JobSpec
 from core.messages import (
-    MESSAGE_SCHEMA, RENDER_TASK, BatchReply, ChunkTask, MessageSchemaError, RenderBatch, RenderReply, RenderRequest, reply_key,
+    MESSAGE_SCHEMA, RENDER_TASK, BatchReply, ChunkTask, MessageSchemaError, RenderBatch, RenderReply, RenderRequest,
+    reply_key,
 )
 from core.settings import REPO_ROOT, Paths, Settings
 

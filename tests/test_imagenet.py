@@ -224,9 +224,7 @@ def test_the_256px_family_is_served(distilled, tmp_path):
     from tests.service_stack import ServiceStack
     from tests.service_helpers import images_of
 
-    stack = ServiceStack(tmp_path, distilled.parents[1], default_model="imagenet")
-    try:
-        stack.start()
+    with ServiceStack(tmp_path, distilled.parents[1], default_model="imagenet") as stack:
         with httpx.Client(base_url=stack.url, timeout=60) as client:
             (family,) = client.get("/models").json()["models"]
             (version,) = family["versions"]
@@ -238,5 +236,3 @@ def test_the_256px_family_is_served(distilled, tmp_path):
             payload = answer.json()
             assert images_of(payload).shape == (2, 256, 256, 3)
             assert images_of(payload["components"], "mask").shape == (2, 256, 256, 3)
-    finally:
-        stack.stop()

@@ -42,8 +42,7 @@ def test_json_log_lines_carry_the_request_id():
 
 def test_metrics_are_labelled_by_model_and_version_on_both_sides(tmp_path, models_dir):
     port = free_port()
-    stack = ServiceStack(tmp_path, models_dir, worker_metrics_port=port).start()
-    try:
+    with ServiceStack(tmp_path, models_dir, worker_metrics_port=port) as stack:
         with httpx.Client(base_url=stack.url, timeout=30) as http:
             for seed in range(900, 904):
                 counterfactual(http, seed=seed)
@@ -66,8 +65,6 @@ def test_metrics_are_labelled_by_model_and_version_on_both_sides(tmp_path, model
         assert metric(body, "skdcgn_worker_render_seconds_count", **labels, kind="interactive") > 0
         assert metric(body, "skdcgn_worker_queue_wait_seconds_count", kind="interactive") > 0
         assert "_created" not in body
-    finally:
-        stack.stop()
 
 
 def test_the_dashboard_and_scrape_config_name_only_metrics_that_exist():
@@ -95,7 +92,8 @@ def test_the_dashboard_and_scrape_config_name_only_metrics_that_exist():
     worker.queue_wait.labels("interactive").observe(0.001)
     exported = set()
     for text in (gateway.render(gateway.cluster.snapshot), generate_latest(worker.registry)):
-        exported |= {line.split("{")[0].split(" ")[0] for line in text.decode().splitlines() if not line.startswith("#")}
+        exported |= {line.split("{")[0].split(" ")[0] for line in text.decode().splitlines()
+                     if not line.startswith("#")}
     dashboard = (REPO_ROOT / "docker" / "grafana" / "dashboards" / "skdcgn.json").read_text()
     plotted = set(re.findall(r"\bskdcgn_\w+", dashboard))
     assert plotted and plotted <= exported, sorted(plotted - exported)

@@ -13,7 +13,9 @@ import pytest
 import yaml
 
 from core.imageio import decode
-from tests.service_helpers import COUNTERFACTUAL, FAMILY, GENERATE, REPO, counterfactual, current_version, images_of, metric
+from tests.service_helpers import (
+    COUNTERFACTUAL, FAMILY, GENERATE, REPO, counterfactual, current_version, images_of, metric,
+)
 
 
 def test_gateway_imports_neither_torch_nor_onnxruntime():

@@ -45,12 +45,9 @@ def test_a_stuck_worker_gives_504_and_a_deep_queue_429_with_retry_after(stack):
 @pytest.fixture(scope="module")
 def fault_stack(tmp_path_factory, models_dir):
     """A stack of its own, with a short visibility timeout and heartbeat, for killing things."""
-    service = ServiceStack(tmp_path_factory.mktemp("faults"), models_dir, job_chunk_size=50, sync_timeout_s=10,
-                           visibility_timeout_s=3, heartbeat_ttl_s=2)
-    try:
-        yield service.start()
-    finally:
-        service.stop()
+    with ServiceStack(tmp_path_factory.mktemp("faults"), models_dir, job_chunk_size=50, sync_timeout_s=10,
+                      visibility_timeout_s=3, heartbeat_ttl_s=2) as service:
+        yield service
 
 
 def test_redis_down_gives_503_then_recovers(fault_stack):

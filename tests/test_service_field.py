@@ -78,11 +78,8 @@ def test_128_concurrent_clients_get_200_or_429_never_an_outage(stack):
 @pytest.fixture(scope="module")
 def field_stack(tmp_path_factory, models_dir):
     """A stack at default settings (visibility timeout, chunk size, timeouts): faults must be survived as shipped."""
-    service = ServiceStack(tmp_path_factory.mktemp("field"), models_dir)
-    try:
-        yield service.start()
-    finally:
-        service.stop()
+    with ServiceStack(tmp_path_factory.mktemp("field"), models_dir) as service:
+        yield service
 
 
 def test_frozen_redis_gives_503_within_2_s_and_recovers(field_stack):

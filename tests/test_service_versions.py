@@ -39,12 +39,9 @@ KEYS = {"a": "key-a-0123456789", "b": "key-b-0123456789", "lister": "key-lister-
 @pytest.fixture(scope="module")
 def vstack(tmp_path_factory):
     models = copy_models(tmp_path_factory.mktemp("versions-models") / "models")
-    service = ServiceStack(tmp_path_factory.mktemp("versions"), models, max_n=16, job_chunk_size=40,
-                           job_shard_size=SHARD, sync_timeout_s=20, heartbeat_ttl_s=10, visibility_timeout_s=60)
-    try:
-        yield service.start()
-    finally:
-        service.stop()
+    with ServiceStack(tmp_path_factory.mktemp("versions"), models, max_n=16, job_chunk_size=40,
+                      job_shard_size=SHARD, sync_timeout_s=20, heartbeat_ttl_s=10, visibility_timeout_s=60) as service:
+        yield service
 
 
 @pytest.fixture(scope="module")
