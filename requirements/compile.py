@@ -3,7 +3,7 @@
     requirements/gateway.lock.txt     .[gateway]         Python 3.11 (docker/Dockerfile.gateway)
     requirements/worker-cpu.lock.txt  .[worker,cpu]      Python 3.11 (docker/Dockerfile.worker-cpu)
     requirements/worker-gpu.lock.txt  .[worker,gpu]      Python 3.12 (docker/Dockerfile.worker: Ubuntu 24.04's)
-    requirements/serve.lock.txt       .[gateway,worker,cpu] Python 3.11 (`make run`: serving only, no torch)
+    requirements/serve.lock.txt       .[gateway,worker,cpu,client] Python 3.11 (`make run` and the `skdcgn` client: no torch)
     requirements/dev.lock.txt         .[dev]             Python 3.11 (`make install`, `make test`, CI)
 
 pip resolves environment markers for the interpreter it runs on, so each lock is compiled by pip-compile running
@@ -60,7 +60,7 @@ DEPLOYABLES = (
     Deployable("gateway", ("gateway",), "3.11"),
     Deployable("worker-cpu", ("worker", "cpu"), "3.11"),
     Deployable("worker-gpu", ("worker", "gpu"), "3.12"),
-    Deployable("serve", ("gateway", "worker", "cpu"), "3.11"),
+    Deployable("serve", ("gateway", "worker", "cpu", "client"), "3.11"),
     Deployable("dev", ("dev",), "3.11"),
 )
 
