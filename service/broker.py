@@ -88,6 +88,15 @@ class Broker:
         if self.down_reason is not None:
             raise self.outage(self.down_reason)
 
+    def mark_down(self, reason: str) -> None:
+        """Redis is down: answer what waits on it with 503 (on_down), and every new request until the probe hears
+        it again."""
+        first = self.down_reason is None
+        self.down_reason = reason
+        if first:
+            for callback in self.on_down:
+                callback(self.outage(reason))
+
     async def probe_forever(self) -> None:
         """Every PROBE_INTERVAL_S read the queue depths and the workers' heartbeats, which admission then uses
         without a Redis call per request; on failure answer everything waiting with 503 (see on_down)."""
@@ -97,11 +106,7 @@ class Broker:
                 await asyncio.wait_for(self.workers(), self.settings.redis_timeout_s)
                 self.depths, self.down_reason = depths, None
             except (aioredis.RedisError, asyncio.TimeoutError, OSError) as exc:
-                first = self.down_reason is None
-                self.down_reason = str(exc) or "no answer within {:g} s".format(self.settings.redis_timeout_s)
-                if first:
-                    for callback in self.on_down:
-                        callback(self.outage(self.down_reason))
+                self.mark_down(str(exc) or "no answer within {:g} s".format(self.settings.redis_timeout_s))
             await asyncio.sleep(PROBE_INTERVAL_S)
 
     async def _read_depths(self) -> dict[str, int]:
@@ -181,10 +186,17 @@ class Broker:
         return BatchReply.from_dict(json.loads(popped[1]))
 
     async def cache_get(self, key: str) -> str | None:
-        """A cached payload's JSON text, or None; a failing cache is a miss, never an error."""
+        """A cached payload's JSON text, or None; a failing cache is a miss, never an error. When the cache is the
+        broker Redis, a failure also marks Redis down until the probe hears it again, so the request that met it
+        is answered 503 at once instead of waiting on the next timeout."""
+        shared = self.cache is self.redis
+        if shared and self.down_reason is not None:
+            return None
         try:
             return await self.cache.get(key)
-        except (aioredis.RedisError, OSError):
+        except (aioredis.RedisError, OSError) as exc:
+            if shared and isinstance(exc, (aioredis.ConnectionError, aioredis.TimeoutError)):
+                self.mark_down(str(exc) or "no answer")
             return None
 
     async def cache_set(self, key: str, payload: str) -> None:
