@@ -68,6 +68,7 @@ run: $(SERVE_VENV)/.installed
 EVAL_ARGS ?=
 eval: install
 	$(PY) -m training.evaluate all $(EVAL_ARGS)
+	$(PY) -m training.evaluation.generated write
 
 # Teacher vs students (parameters, MACs, images/s) for every shipped family, then the serving benchmark against
 # a service started for the run; BENCH_URL=http://127.0.0.1:8000 targets a running service instead.
@@ -77,3 +78,11 @@ bench: install
 		if [ -f models/$$family/LATEST ]; then $(PY) -m benchmarks.models --family $$family || exit 1; fi; \
 	done
 	$(PY) -m benchmarks.serving $(if $(BENCH_URL),--url $(BENCH_URL),--start)
+	$(PY) -m training.evaluation.generated write
+
+.PHONY: docs
+# The figures about students are rendered, never typed: README's family table and headline numbers, the summary,
+# student and paper-scale blocks of docs/RESULTS.md (<!-- generated:NAME -->) and each shipped manifest's `targets`
+# block, from models/*/*/manifest.json and benchmarks/results/*.json. `make test` fails while one is stale.
+docs: install
+	$(PY) -m training.evaluation.generated write

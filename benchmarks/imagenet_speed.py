@@ -150,6 +150,21 @@ def run(args: argparse.Namespace) -> dict:
     return result
 
 
+def engine_order(name: str) -> tuple:
+    """The order the run measures engines in (onnxruntime then PyTorch, CPU then CUDA, students first): result files
+    are written with sorted keys, so tables rendered again from them need it."""
+    who, engine = name.split("/", 1)
+    kind, device = engine.split("-")[:2]
+    return (kind != "onnxruntime", device != "cpu", device, who != "student")
+
+
+def pair_order(pair: str) -> tuple:
+    """Like for like (onnxruntime, then PyTorch per device) first, then the students against the teacher's PyTorch."""
+    engine, base = pair.split(" vs ")
+    kind = lambda name: name.split("/")[1].split("-")[0]  # noqa: E731
+    return (kind(engine) != kind(base), engine_order(engine), engine_order(base))
+
+
 def markdown(result: dict) -> str:
     keys = [*MECHANISMS, COUNTERFACTUAL]
     teacher, student = result["cost"]["teacher"], result["cost"]["student"]
@@ -158,9 +173,10 @@ def markdown(result: dict) -> str:
                   f"{teacher[key]['macs_per_image'] / 1e9:.1f}", f"{student[key]['macs_per_image'] / 1e9:.2f}"]
                  for key in keys]
     fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else v  # noqa: E731
-    speed_rows = [[engine] + [fmt(values[key]) for key in keys] for engine, values in result["images_per_second"].items()]
+    speed_rows = [[engine] + [fmt(values[key]) for key in keys]
+                  for engine, values in sorted(result["images_per_second"].items(), key=lambda i: engine_order(i[0]))]
     ratio_rows = [[pair] + [f"{ratios[key]:.1f}×" if key in ratios else "" for key in keys]
-                  for pair, ratios in result["speedup"].items()]
+                  for pair, ratios in sorted(result["speedup"].items(), key=lambda i: pair_order(i[0]))]
     host = result["host"]
     return "\n".join([
         f"### ImageNet family at {result['image_size']} px: teacher vs TinyGAN-256 students",

@@ -299,13 +299,14 @@ def markdown(result: dict, plot: str) -> str:
             cost_rows.append([name, m, f"{c['parameters']:,}", f"{c['macs_per_image'] / 1e6:.2f}"])
     rows = []
     batches = result["batches"]
-    for engine, variants in result["images_per_second"].items():
-        for variant, per_batch in variants.items():
+    for engine, variants in ordered(result["images_per_second"], engine_order):
+        for variant, per_batch in ordered(variants, variant_order):
             rows.append([engine, variant] + [f"{v:,.0f}" if isinstance(v, float) else v for v in
                                              (per_batch.get(str(b), "") for b in batches)])
     speed = [[m, f"{v['speedup']:.2f}×", "yes" if v["meets_target"] else "**no**"]
-             for m, v in result["speedup"].items()]
-    latency = [[engine, f"{ms:.2f}" if isinstance(ms, float) else ms] for engine, ms in result["counterfactual_ms"].items()]
+             for m, v in ordered(result["speedup"], variant_order)]
+    latency = [[engine, f"{ms:.2f}" if isinstance(ms, float) else ms]
+               for engine, ms in ordered(result["counterfactual_ms"], engine_order)]
     host = result["host"]
     return "\n".join([
         f"### Model benchmark: {result['family']}/{result['version']}",
@@ -330,6 +331,25 @@ def markdown(result: dict, plot: str) -> str:
         "",
         f"![throughput vs batch]({plot})",
     ])
+
+
+VARIANT_ORDER = (*MECHANISMS, "three_sessions", "fused", "all")
+
+
+def engine_order(name: str) -> tuple:
+    """The order the run measures engines in: onnxruntime then PyTorch, CPU then CUDA, teacher then student.
+    Result files are written with sorted keys, so tables rendered again from them need this order."""
+    who, engine = name.split("/", 1)
+    kind, device = engine.split("-")[:2]
+    return (kind != "onnxruntime", device != "cpu", device, who != "teacher")
+
+
+def variant_order(name: str) -> tuple:
+    return (VARIANT_ORDER.index(name) if name in VARIANT_ORDER else len(VARIANT_ORDER), name)
+
+
+def ordered(mapping: dict, key) -> list:
+    return sorted(mapping.items(), key=lambda item: key(item[0]))
 
 
 def load_caveat(host: dict) -> str:

@@ -1,0 +1,74 @@
+"""Figures about students are rendered, never typed: README.md's and docs/RESULTS.md's generated blocks, the
+manifests' `targets` blocks and the evaluation and benchmark sections must say what the committed manifests and
+result JSON say now (`python -m training.evaluation.generated write` rewrites the blocks)."""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+
+from tests.paths import REPO
+from training.evaluation import generated
+from training.evaluation.targets import assess, targets_block
+
+
+def test_committed_blocks_match_the_manifests_and_results():
+    found = generated.problems(REPO)
+    assert not found, ("stale figures; run `python -m training.evaluation.generated write` (and for results: "
+                       "sections the evaluation or benchmark that writes them):\n" + "\n".join(found))
+
+
+def test_every_shipped_manifest_states_its_targets():
+    src = generated.Sources.read(REPO)
+    for family, version in src.latest.items():
+        block = src.manifests[family][version].get("targets")
+        assert block is not None, f"{family}/{version} has no targets block"
+        assert block["missed"] == [generated.describe(c) for c in block["checks"] if c["met"] is False]
+        if block["missed"]:  # a miss says what was tried
+            assert block.get("tried"), f"{family}/{version} misses targets and says nothing of what was tried"
+
+
+def test_replace_blocks_rewrites_only_the_marked_blocks():
+    text = ("intro 0.806\n<!-- generated:a -->\nold\n<!-- /generated:a -->\nmiddle\n"
+            "<!-- generated:b --><!-- /generated:b -->\n")
+    out = generated.replace_blocks(text, {"a": "new A", "b": "new B"}, "x.md")
+    assert out == ("intro 0.806\n<!-- generated:a -->\nnew A\n<!-- /generated:a -->\nmiddle\n"
+                   "<!-- generated:b -->\nnew B\n<!-- /generated:b -->\n")
+    assert generated.blocks_of(out) == {"a": "\nnew A\n", "b": "\nnew B\n"}
+    with pytest.raises(generated.GeneratedError, match="lacks the marked block"):
+        generated.replace_blocks(text, {"a": "x", "b": "y", "c": "z"}, "x.md")
+    with pytest.raises(generated.GeneratedError, match="no renderer knows"):
+        generated.replace_blocks(text, {"a": "x"}, "x.md")
+
+
+def shipped(family: str) -> dict:
+    version = (REPO / "models" / family / "LATEST").read_text().strip()
+    return json.loads((REPO / "models" / family / version / "manifest.json").read_text())
+
+
+def test_assessment_says_what_is_missed_and_by_how_much():
+    manifest = copy.deepcopy(shipped("colored_mnist"))
+    manifest["metrics"]["shape"]["mask_iou"] = 0.80
+    manifest["metrics"]["texture"]["l1"] = 0.1
+    bench = {"family": "colored_mnist", "version": manifest["version"], "speedup_batch": 256,
+             "speedup": {"fused": {"speedup": 1.9}}}
+    result = assess(manifest, bench)
+    checks = {c["name"]: c for c in result["checks"]}
+    assert checks["mask IoU"]["met"] is False and checks["mask IoU"]["short_by"] == pytest.approx(0.05)
+    baseline = manifest["metrics"]["texture"]["class_mean_baseline"]["l1"]
+    assert checks["texture L1"]["short_by"] == pytest.approx(0.1 - min(0.6 * baseline, 0.08))
+    assert checks["background L1"]["met"] is None  # colored backgrounds: baseline ≤ 0.01, no target
+    assert checks["fused speed"]["short_by"] == pytest.approx(0.1)
+    assert checks["parameters"]["met"] is True
+    assert not result["met"] and len(result["missed"]) == 3
+    # a benchmark of another version measures nothing about this one
+    other = assess(manifest, dict(bench, version="elsewhere"))
+    assert next(c for c in other["checks"] if c["name"] == "fused speed")["met"] is None
+
+
+def test_targets_block_keeps_what_was_tried():
+    manifest = copy.deepcopy(shipped("wildlife_mnist"))
+    manifest["targets"] = {"tried": ["wider texture students"], "checks": [], "met": True, "missed": []}
+    block = targets_block(manifest)
+    assert block["tried"] == ["wider texture students"] and block["checks"]
