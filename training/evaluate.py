@@ -8,11 +8,20 @@ Examples:
     python -m training.evaluate all                                                           # every shipped family
     python -m training.evaluate render                             # rewrite the RESULTS.md sections from the JSON files
 
+The SKDCGN paper's experiments (training/evaluation/paper.py; JSON benchmarks/results/paper_*.json, sections of
+docs/RESULTS.md under "The SKDCGN paper's experiments" and "Paper claims" at the top):
+    python -m training.evaluate table1 --family double_colored_mnist --seeds 0          # Table 1, four columns
+    python -m training.evaluate transparency --family wildlife_mnist                   # a = 0.75 vs unmodified
+    python -m training.evaluate transparency --family double_colored_mnist --paper-scale --seeds 0
+    python -m training.evaluate original-plus-cf --family double_colored_mnist --seeds 0 # CGN Table 2's protocol
+    python -m training.evaluate baseline --gan-minutes 20 --seeds 0    # §4.2: TinyGAN CGN from scratch, compared
+
 Results go to --results-dir as JSON and into marked sections of --results-md.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import shutil
 import sys
@@ -29,6 +38,11 @@ from core.compose import PAPER_STUDY, UNMODIFIED
 from training.evaluation.fidelity import digit_recogniser, evaluate_fidelity
 from training.evaluation.invariance import InvarianceConfig, run_experiment
 from training.evaluation.sources import student_source, teacher_source
+from training.baseline_cgn import CGN_STEPS
+from training.evaluation import paper_report
+from training.evaluation.paper import COLUMNS
+
+PAPER_COMMANDS = ("table1", "transparency", "original-plus-cf", "baseline")
 
 EVALUATED_FAMILIES = ("double_colored_mnist", "wildlife_mnist", "colored_mnist")  # fidelity: every MNIST family
 INVARIANCE_FAMILIES = ("double_colored_mnist", "wildlife_mnist")  # the families with a real-data recipe
@@ -38,7 +52,7 @@ PAPER_SCALE = {"images": 100_000, "epochs": 10}
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     paths = Paths.from_env()  # defaults: the model repository and ../shared (teachers, MNIST, textures)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["fidelity", "invariance", "all", "render"])
+    parser.add_argument("command", choices=["fidelity", "invariance", "all", "render", *PAPER_COMMANDS])
     parser.add_argument("--family", help=f"model family (default for `all`: every shipped one of {EVALUATED_FAMILIES}; the "
                         f"invariant-classifier experiment runs for {INVARIANCE_FAMILIES})")
     parser.add_argument("--models-dir", default=str(paths.models_dir),
@@ -62,6 +76,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--results-dir", default="benchmarks/results")
     parser.add_argument("--results-md", default="docs/RESULTS.md")
     parser.add_argument("--note", default="", help="a line added under each written section (e.g. 'dev model')")
+    paper = parser.add_argument_group("the SKDCGN paper's experiments")
+    paper.add_argument("--columns", default=",".join(COLUMNS), help=f"table1: which of {', '.join(COLUMNS)}")
+    paper.add_argument("--parts", default="detector,digit", help="table1: detector (real vs counterfactual), digit")
+    paper.add_argument("--detector-images", type=int, default=5000,
+                       help="table1/baseline: real and counterfactual images per class in each of train and test")
+    paper.add_argument("--figures-dir", default=None, help="where sample grids go (default: beside --results-md)")
+    paper.add_argument("--gan-steps", type=int, default=CGN_STEPS, help="baseline: generator steps (CGN: 4,690)")
+    paper.add_argument("--gan-minutes", type=float, default=None, help="baseline: wall-clock cap of this call's training")
+    paper.add_argument("--gan-batch", type=int, default=64)
+    paper.add_argument("--work-dir", default="runs/baseline_cgn", help="baseline: checkpoints (a rerun resumes)")
+    paper.add_argument("--skip-training", action="store_true", help="baseline: evaluate the saved generators only")
     args = parser.parse_args(argv)
     if args.paper_scale:
         args.images, args.epochs = PAPER_SCALE["images"], PAPER_SCALE["epochs"]
@@ -69,8 +94,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     if set(args.arms) - {"real", "teacher", "student"} or not args.seeds:
         parser.error("--arms takes real, teacher, student; --seeds needs at least one seed")
-    if args.command in ("fidelity", "invariance") and not args.family:
+    if args.command in ("fidelity", "invariance", "transparency", "original-plus-cf") and not args.family:
         parser.error(f"{args.command} needs --family")
+    if args.command in ("table1", "baseline"):
+        args.family = args.family or "double_colored_mnist"
+    args.columns = [c.strip() for c in args.columns.split(",") if c.strip()]
+    args.parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    if set(args.columns) - set(COLUMNS) or set(args.parts) - {"detector", "digit"}:
+        parser.error(f"--columns takes {', '.join(COLUMNS)}; --parts takes detector, digit")
     return args
 
 
@@ -99,6 +130,60 @@ def render_all(args: argparse.Namespace) -> None:
         render_fidelity(args.results_md, json.loads(path.read_text()))
     for path in sorted(Path(args.results_dir).glob("invariance_*.json")):
         render_invariance(args.results_md, json.loads(path.read_text()), args.results_dir)
+    paper_report.render_all(args.results_dir, args.results_md)
+
+
+def paper_sources(args: argparse.Namespace, family: str) -> dict:
+    """The teacher and the family's LATEST students (or --version), as evaluation sources."""
+    students = ModelRuntime.from_repository(args.models_dir, family, args.version, threads=args.threads)
+    return {"teacher": teacher_source(family, args.teacher_path), "student": student_source(students)}
+
+
+def run_paper(args: argparse.Namespace) -> None:
+    """One of the SKDCGN paper's experiments, then every paper section of the results page."""
+    from training.evaluation import paper
+
+    family, texture_dir = args.family, Path(args.data_dir) / "textures"
+    figures_dir = args.figures_dir or str(Path(args.results_md).parent)
+    real = paper.RealData(family, args.data_dir, texture_dir)
+    invariance = InvarianceConfig(images=args.images, per_shape=args.per_shape, seeds=args.seeds,
+                                  train=TrainConfig(epochs=args.epochs))
+    detector = paper.DetectorConfig(images_per_class=args.detector_images, per_shape=args.per_shape, seeds=args.seeds,
+                                    train=TrainConfig(epochs=args.epochs))
+    if args.command == "table1":
+        paper.run_table1(family, paper_sources(args, family), invariance, detector, real, args.results_dir, figures_dir,
+                         args.columns, run_digit="digit" in args.parts, run_detector="detector" in args.parts)
+    elif args.command == "transparency":
+        paper.run_transparency(family, paper_sources(args, family), invariance, real, args.results_dir, args.paper_scale)
+    elif args.command == "original-plus-cf":
+        paper.run_original_plus_cf(family, paper_sources(args, family), invariance, real, args.results_dir,
+                                   args.paper_scale)
+    else:
+        run_baseline(args, family, invariance, detector, real, figures_dir)
+    paper_report.render_all(args.results_dir, args.results_md)
+
+
+def run_baseline(args, family, invariance, detector, real, figures_dir) -> None:
+    from training import baseline_cgn
+    from training.evaluation import paper
+    from training.evaluation.fidelity import digit_recogniser
+
+    if family != "double_colored_mnist":
+        raise ValueError("the §4.2 baseline is defined on double_colored_mnist")
+    config = baseline_cgn.BaselineConfig(steps=args.gan_steps, batch_size=args.gan_batch, max_minutes=args.gan_minutes)
+    work_dir = Path(args.work_dir)
+    recogniser = digit_recogniser(args.data_dir, args.recogniser_epochs)  # reads masks; frozen copy: style features
+    if args.skip_training:
+        training = json.loads((work_dir / "training.json").read_text())
+    else:
+        style_net = baseline_cgn.ChannelwiseStyleFeatures(copy.deepcopy(recogniser[0]))
+        biased = real.biased_train(0)
+        training = baseline_cgn.train_baseline(config, biased.images, biased.labels, style_net, work_dir)
+    generators = baseline_cgn.load_generators(work_dir)
+    name = f"baseline:tinygan-cgn/{training['steps_done']}-steps"
+    sources = {**paper_sources(args, family), "baseline": baseline_cgn.baseline_source(generators, name)}
+    paper.run_baseline(family, sources, training, invariance, detector, real, args.results_dir, figures_dir,
+                       args.data_dir, args.recogniser_epochs, args.pairs, recogniser=recogniser)
 
 
 def run_fidelity(args: argparse.Namespace, family: str) -> None:
@@ -174,6 +259,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     families = [args.family] if args.family else shipped_families(args.models_dir)
+    if args.command in PAPER_COMMANDS:
+        try:
+            run_paper(args)
+        except (ManifestError, VersionNotFound, ValueError, OSError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        return 0
     try:
         for family in families:
             if args.command in ("fidelity", "all"):

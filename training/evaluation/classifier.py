@@ -41,10 +41,11 @@ class TrainConfig:
         return asdict(self)
 
 
-def train_classifier(images: np.ndarray, labels: np.ndarray, config: TrainConfig, seed: int) -> SmallCNN:
+def train_classifier(images: np.ndarray, labels: np.ndarray, config: TrainConfig, seed: int,
+                     n_classes: int = 10) -> SmallCNN:
     """Train a fresh SmallCNN; `seed` fixes the initialisation and the batch order."""
     torch.manual_seed(seed)
-    model = SmallCNN(in_channels=images.shape[1])
+    model = SmallCNN(in_channels=images.shape[1], n_classes=n_classes)
     optimizer = torch.optim.Adadelta(model.parameters(), lr=config.lr)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=config.gamma)
     x_all, y_all = torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(labels)
@@ -75,10 +76,10 @@ def accuracy(model: nn.Module, images: np.ndarray, labels: np.ndarray) -> float:
 
 
 def fit_and_score(train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray], config: TrainConfig,
-                  seed: int) -> dict:
+                  seed: int, n_classes: int = 10) -> dict:
     """Train on `train`, report train and test accuracy (%) and the wall time."""
     started = time.perf_counter()
-    model = train_classifier(*train, config, seed)
+    model = train_classifier(*train, config, seed, n_classes)
     return {
         "seed": seed,
         "train_accuracy": 100 * accuracy(model, *train),
