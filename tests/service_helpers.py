@@ -48,12 +48,17 @@ def wait_job(client: httpx.Client, job_id: str, states=("succeeded",), timeout: 
              headers: dict | None = None) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        status = client.get(f"/jobs/{job_id}", headers=headers).json()
+        answer = client.get(f"/jobs/{job_id}", headers=headers)
+        if answer.status_code in (429, 503):  # transient by design (overload, Redis or workers restarting): poll on
+            time.sleep(0.2)
+            continue
+        assert answer.status_code == 200, answer.text
+        status = answer.json()
         if status["state"] in states:
             return status
         assert status["state"] not in ("failed", "cancelled"), status
         time.sleep(0.1)
-    raise AssertionError(f"job {job_id} not in {states} after {timeout} s: {status}")
+    raise AssertionError(f"job {job_id} not in {states} after {timeout} s: {answer.status_code} {answer.text}")
 
 
 def load_npz(content: bytes) -> dict[str, np.ndarray]:
