@@ -22,7 +22,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
-STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
 ACTIVE_STATES = (QUEUED, RUNNING)
 ENDED_STATES = (SUCCEEDED, FAILED, CANCELLED)
 FORMATS = ("npz", "png", "webdataset")

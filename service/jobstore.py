@@ -18,8 +18,8 @@ from pathlib import Path
 import redis.asyncio as aioredis
 
 from core.jobs import (
-    CANCELLED, JOB_ID_PATTERN, JOBS_ENDED_KEY, QUEUED, SUCCEEDED, JobSpec, discard_chunks, done_samples, end_args,
-    job_chunks_key, job_dir, job_key, jobs_index_key, parse_files,
+    CANCELLED, JOB_ID_PATTERN, JOBS_ENDED_KEY, QUEUED, SUCCEEDED, JobSpec, discard_chunks, discard_job_files, done_samples,
+    end_args, job_chunks_key, job_key, jobs_index_key, parse_files,
 )
 from core.messages import STATS_KEY
 from service.broker import ServiceError
@@ -125,7 +125,7 @@ class JobStore:
     async def delete(self, record: dict) -> None:
         """Remove an ended job: its files first, then its record and index entries."""
         job_id = record["id"]
-        await asyncio.to_thread(shutil.rmtree, job_dir(self.jobs_dir, job_id), ignore_errors=True)
+        await asyncio.to_thread(discard_job_files, self.jobs_dir, job_id)
         pipe = self.redis.pipeline()
         pipe.delete(job_key(job_id), job_chunks_key(job_id))
         pipe.zrem(jobs_index_key(record["owner"]), job_id).zrem(JOBS_ENDED_KEY, job_id)

@@ -322,11 +322,16 @@ def run_table1(family: str, sources: dict[str, Source], invariance: InvarianceCo
     return doc.data
 
 
+def scaled_document(name: str, family: str, results_dir, paper_scale: bool) -> tuple[Document, dict]:
+    """The result document of experiment `name` at one scale, and its `settings` (one block per arm setting)."""
+    doc = Document(result_path(results_dir, name, family, paper_scale),
+                   {"family": family, "scale": "paper" if paper_scale else "default"})
+    return doc, doc.data.setdefault("settings", {})
+
+
 def run_transparency(family: str, sources: dict[str, Source], config: InvarianceConfig, real: RealData, results_dir,
                      paper_scale: bool, log: Log = print) -> dict:
-    doc = Document(result_path(results_dir, "transparency", family, paper_scale),
-                   {"family": family, "scale": "paper" if paper_scale else "default"})
-    settings = doc.data.setdefault("settings", {})
+    doc, settings = scaled_document("transparency", family, results_dir, paper_scale)
     for name in ("unmodified", "transparency"):
         digit_arms(settings.setdefault(name, {}), family, sources, config, name, COLUMNS[name], real, results_dir,
                    doc.save, log)
@@ -335,9 +340,7 @@ def run_transparency(family: str, sources: dict[str, Source], config: Invariance
 
 def run_original_plus_cf(family: str, sources: dict[str, Source], config: InvarianceConfig, real: RealData, results_dir,
                          paper_scale: bool, log: Log = print) -> dict:
-    doc = Document(result_path(results_dir, "original_plus_cf", family, paper_scale),
-                   {"family": family, "scale": "paper" if paper_scale else "default"})
-    settings = doc.data.setdefault("settings", {})
+    doc, settings = scaled_document("original_plus_cf", family, results_dir, paper_scale)
     real_arm(settings.setdefault("real", {}), family, config, real, results_dir, doc.save, log)
     for training_set in (ORIGINAL_PLUS_CF, CF_ONLY):
         digit_arms(settings.setdefault(training_set, {}), family, sources, config, "unmodified", UNMODIFIED, real,
