@@ -3,7 +3,7 @@
 Engines: the teacher in PyTorch and exported to ONNX (one fused graph and three per-mechanism graphs,
 opened with core.runtime.open_session), the shipped students through core.runtime.ModelRuntime exactly as
 the workers run them (per mechanism: `run`; "three_sessions": `run_separately`; "fused": `run_fused`), and
-the students in PyTorch, rebuilt from the manifest's `training.student` config with the weights of the
+the students in PyTorch, rebuilt from the manifest's per-mechanism student configs with the weights of the
 distillation run in <runs-dir>/<family>/<version>/ when present (random weights otherwise: same cost, so
 the timing holds). CUDA is timed too when present. One-counterfactual latency covers noise drawing, the
 three mechanisms, composition and uint8 conversion. Default folders come from core.settings.Paths
@@ -36,7 +36,8 @@ from training.evaluation.sources import teacher_for_family
 from training.plots import save_figure
 from training.export import FusedStudents, check_parity, export_graph
 from training.evaluation.targets import TARGETS
-from training.students import StudentConfig, TinyGenerator
+from training.package import student_configs
+from training.students import TinyGenerator
 from training.teachers import load_teacher
 
 BATCHES = (1, 64, 256)  # the defaults of --batches
@@ -175,10 +176,10 @@ class TeacherGraphs:
 
 def student_modules(students: ModelRuntime, runs_dir: Path) -> tuple[dict[str, nn.Module], str]:
     """TinyGenerators from the manifest's config; trained weights from the run's checkpoints when present."""
-    config = StudentConfig(**students.manifest["training"]["student"])
+    configs = student_configs(students.manifest)
     modules, sources = {}, set()
     for m in MECHANISMS:
-        module = TinyGenerator(config, m)
+        module = TinyGenerator(configs[m], m)
         checkpoint = runs_dir / students.family / students.version / f"{m}.pt"
         if checkpoint.is_file():
             module.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=False)["student"])

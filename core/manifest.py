@@ -32,6 +32,13 @@ def value_range(mechanism: str) -> tuple[float, float]:
     return VALUE_RANGES[MECHANISM_OUTPUTS[mechanism]]
 
 
+def recorded_students(manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each mechanism's student config as the manifest's `training` block records it: per mechanism
+    (`students`), or one config shared by all (`student`, versions written before per-mechanism students)."""
+    training = manifest["training"]
+    return training.get("students") or {m: training["student"] for m in manifest["mechanisms"]}
+
+
 class ManifestError(ValueError):
     """A manifest is missing, malformed, or does not match the files beside it."""
 

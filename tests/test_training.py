@@ -52,6 +52,19 @@ def test_kl_is_zero_for_identical_and_positive_otherwise():
     assert losses.bernoulli_kl(-image, image, (-1.0, 1.0)).item() > 0
 
 
+def test_soft_iou_loss_is_the_binarised_metric_made_differentiable():
+    teacher = (torch.rand(3, 1, 8, 8) > 0.5).float() * 0.4 + 0.3  # 0.3 / 0.7: binarised at 0.5 to 0 / 1
+    binary = (teacher > 0.5).float()
+    assert losses.soft_iou_loss(binary, teacher).item() == pytest.approx(0.0, abs=1e-6)
+    assert losses.soft_iou_loss(1 - binary, teacher).item() == pytest.approx(1.0, abs=1e-5)
+    half = torch.zeros(1, 1, 2, 2)
+    half[..., 0, :] = 1.0  # two of the four pixels, against a full mask: IoU 0.5
+    assert losses.soft_iou_loss(half, torch.ones(1, 1, 2, 2)).item() == pytest.approx(0.5, abs=1e-5)
+    student = torch.full((3, 1, 8, 8), 0.5, requires_grad=True)
+    losses.soft_iou_loss(student, teacher).backward()
+    assert (student.grad[binary.bool()] < 0).all() and (student.grad[~binary.bool()] > 0).all()
+
+
 @pytest.mark.parametrize("upsample", ["bilinear", "nearest"])
 @pytest.mark.parametrize("mechanism", list(HEADS))
 def test_student_shapes_and_ranges(mechanism, upsample):
@@ -275,7 +288,8 @@ def test_every_shipped_version_records_a_recipe_matching_its_training(manifest):
     recipe = load_recipe(manifest.parent)
     recipe.validate()
     assert recipe.notes and {m: recipe.total_steps(m) for m in HEADS} == recorded["training"]["steps"]
-    assert all(preset.channels == recorded["training"]["student"]["channels"] for preset in recipe.students.values())
+    configs = student_configs(recorded)
+    assert all(preset.channels == configs[m].channels for m, preset in recipe.students.items())
 
 
 def test_recipe_files_round_trip_and_refuse_typos(tmp_path, toy_recipe):

@@ -31,7 +31,7 @@ from training.teachers.loading import TeacherError, teacher_names
 from training.trainer import DistillConfig, DistillError, run
 
 WEIGHT_FLAGS = {"lambda_pix": "pix", "pix_decay": "pix_decay", "lambda_adv": "adv", "lambda_feat": "feat",
-                "lambda_kl": "kl", "feature_weights": "feature_layers"}
+                "lambda_kl": "kl", "lambda_iou": "iou", "feature_weights": "feature_layers"}
 
 
 def numbers(kind):
@@ -98,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     stage_edits.add_argument("--lambda-adv", type=float)
     stage_edits.add_argument("--lambda-feat", type=float)
     stage_edits.add_argument("--lambda-kl", type=float)
+    stage_edits.add_argument("--lambda-iou", type=float, help="soft mask IoU against the teacher's binarised mask "
+                                                             "(shape student only; default 0)")
     stage_edits.add_argument("--feature-weights", type=numbers(float), help="one per discriminator layer")
 
     where = parser.add_argument_group("where and how")

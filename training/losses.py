@@ -1,4 +1,5 @@
-"""The four SKDCGN loss terms: pixel L1, hinge adversarial, discriminator-feature L1 and a KL term.
+"""The four SKDCGN loss terms: pixel L1, hinge adversarial, discriminator-feature L1 and a KL term, and a fifth
+of ours for the mask: a soft IoU against the teacher's mask binarised where the fidelity metric binarises it.
 
 KL formulation (our choice): each output pixel is read as a Bernoulli probability — the mask as is, an
 image mapped from [-1, 1] to [0, 1] — and we take the mean per-pixel KL(teacher ‖ student). Why: it is a
@@ -16,6 +17,7 @@ from torch.nn import functional as F
 
 FEATURE_WEIGHTS = (1 / 32, 1 / 16, 1 / 8, 1 / 4, 1.0)
 KL_EPS = 1e-4
+MASK_THRESHOLD = 0.5  # core.metrics.mask_iou's default: where held-out mask IoU binarises both masks
 
 
 def pixel_l1(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -55,3 +57,17 @@ def bernoulli_kl(student: torch.Tensor, teacher: torch.Tensor, value_range: tupl
     q = to_probability(student, value_range)
     kl = p * (p.log() - q.log()) + (1 - p) * ((1 - p).log() - (1 - q).log())
     return kl.mean()
+
+
+def soft_iou_loss(student: torch.Tensor, teacher: torch.Tensor, threshold: float = MASK_THRESHOLD) -> torch.Tensor:
+    """1 − mean per-sample soft IoU of the student's mask against the teacher's binarised at `threshold`.
+
+    Why: pixel L1 and KL weigh every pixel alike, so a small digit's few boundary pixels count for little, while
+    the held-out metric is a per-sample IoU of binarised masks. This term is that metric made differentiable
+    (Σ s·t / Σ (s + t − s·t), the Jaccard loss): each sample weighs by its own union. Two empty masks score 1.
+    """
+    target = (teacher > threshold).to(student.dtype).flatten(1)
+    mask = student.flatten(1)
+    intersection = (mask * target).sum(1)
+    union = (mask + target - mask * target).sum(1)
+    return 1.0 - ((intersection + 1e-6) / (union + 1e-6)).mean()

@@ -9,7 +9,7 @@ import datetime as dt
 from pathlib import Path
 
 from core.hashing import sha256_file
-from core.manifest import SCHEMA_VERSION
+from core.manifest import SCHEMA_VERSION, recorded_students
 from training.recipe import Recipe
 from training.students import StudentConfig, TinyGenerator, count_parameters
 from training.teachers.loading import TeacherAdapter
@@ -58,6 +58,4 @@ def build_manifest(version_dir: Path, version: str, teacher: TeacherAdapter, exp
 
 def student_configs(manifest: dict) -> dict[str, StudentConfig]:
     """Each mechanism's StudentConfig as a manifest records it (per mechanism, or one shared by older versions)."""
-    training = manifest["training"]
-    recorded = training.get("students") or {m: training["student"] for m in manifest["mechanisms"]}
-    return {m: StudentConfig(**config) for m, config in recorded.items()}
+    return {m: StudentConfig(**config) for m, config in recorded_students(manifest).items()}

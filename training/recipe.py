@@ -68,6 +68,7 @@ class LossWeights:
     adv: float = 0.01
     feat: float = 1.0
     kl: float = 0.1
+    iou: float = 0.0  # soft IoU of the mask (training/losses.py), ours; only the shape student has a mask
     feature_layers: list[float] = field(default_factory=lambda: list(FEATURE_WEIGHTS))
 
     def pixel_weight(self, epoch: float) -> float:
@@ -75,7 +76,7 @@ class LossWeights:
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "weights") -> "LossWeights":
-        return _fill(cls, data, where, pix=float, pix_decay=float, adv=float, feat=float, kl=float,
+        return _fill(cls, data, where, pix=float, pix_decay=float, adv=float, feat=float, kl=float, iou=float,
                      feature_layers=_floats)
 
 

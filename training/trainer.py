@@ -32,7 +32,7 @@ from training.students import HEADS, ProjectionDiscriminator, StudentConfig, Tin
 from training.teachers.loading import TeacherAdapter, load_teacher_adapter, teacher_names
 
 BETAS = (0.0, 0.9)  # TinyGAN's Adam betas, for the students and the discriminators
-LOG_FIELDS = ["mechanism", "stage", "step", "epoch", "loss_d", "loss_g", "pix", "adv", "feat", "kl", "lambda_pix", "lr"]
+LOG_FIELDS = ["mechanism", "stage", "step", "epoch", "loss_d", "loss_g", "pix", "adv", "feat", "kl", "iou", "lambda_pix", "lr"]
 
 
 class DistillError(RuntimeError):
@@ -151,9 +151,11 @@ def train_student(
                 "feat": losses.feature_l1(fake_features, real_features, weights.feature_layers),
                 "kl": losses.bernoulli_kl(fake, target, value_range(mechanism)),
             }
+            if mechanism == "shape":
+                terms["iou"] = losses.soft_iou_loss(fake, target)
             lambda_pix = weights.pixel_weight(epoch)
             loss_g = (weights.feat * terms["feat"] + lambda_pix * terms["pix"] + weights.adv * terms["adv"]
-                      + weights.kl * terms["kl"])
+                      + weights.kl * terms["kl"] + weights.iou * terms.get("iou", 0.0))
             opt_g.zero_grad(set_to_none=True)
             loss_g.backward()
             opt_g.step()
@@ -220,8 +222,10 @@ def write_loss_log(log: list[dict], csv_path: Path, png_path: Path) -> None:
     for ax, mechanism in zip(axes[0], mechanisms):
         rows = [row for row in log if row["mechanism"] == mechanism]
         steps = [row["step"] for row in rows]
-        for term in ("pix", "feat", "kl", "loss_d", "adv"):
-            ax.plot(steps, [abs(row[term]) + 1e-8 for row in rows], label=term if term != "adv" else "|adv|")
+        for term in ("pix", "feat", "kl", "iou", "loss_d", "adv"):
+            points = [(row["step"], abs(row[term]) + 1e-8) for row in rows if row.get(term) is not None]
+            if points:  # iou: shape only, and absent from logs written before it existed
+                ax.plot(*zip(*points), label=term if term != "adv" else "|adv|")
         for previous, row in zip(rows, rows[1:]):  # stage boundaries
             if row.get("stage") != previous.get("stage"):
                 ax.axvline(row["step"], color="0.6", linewidth=0.8, linestyle=":")

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Callable
 
 from core.atomic import write_text_atomic
-from core.manifest import MANIFEST_NAME, latest_version, list_versions
+from core.manifest import MANIFEST_NAME, latest_version, list_versions, recorded_students
 from core.settings import REPO_ROOT
 from training.evaluation import report
 from training.evaluation.targets import (
@@ -109,8 +109,7 @@ def fmt_l1(value: float) -> str:
 
 def widths(manifest: dict) -> str:
     """'64-32-16-8 nearest' for students alike, else per mechanism."""
-    training = manifest["training"]
-    configs = training.get("students") or {m: training["student"] for m in manifest["mechanisms"]}
+    configs = recorded_students(manifest)
     shown = {m: "-".join(map(str, c["channels"])) + f" {c.get('upsample', 'bilinear')}" for m, c in configs.items()}
     if len(set(shown.values())) == 1:
         return next(iter(shown.values()))
@@ -441,6 +440,11 @@ def results_summary(src: Sources) -> str:
     return "\n".join(lines)
 
 
+def iou_weight(weights: dict) -> str:
+    """', λ_iou 0.5' where a stage used the mask's soft-IoU term (recipes before it have no such key)."""
+    return f", λ_iou {weights['iou']:g}" if weights.get("iou") else ""
+
+
 def recipe_lines(manifest: dict) -> list[str]:
     recipe = manifest.get("recipe")
     if not recipe:
@@ -450,12 +454,13 @@ def recipe_lines(manifest: dict) -> list[str]:
     w = weights[0]
     same = all(x == w for x in weights)
     shown_w = (f"λ_pix {w['pix']:g} (decay {w['pix_decay']:g}/epoch), λ_kl {w['kl']:g}, λ_adv {w['adv']:g}, "
-               f"λ_feat {w['feat']:g}")
+               f"λ_feat {w['feat']:g}" + iou_weight(w))
     parts = []
     for s in stages:
         steps = ", ".join(f"{m} {s['steps'][m]:,}" for m in ("shape", "texture", "background") if s["steps"].get(m))
         extra = "" if same else (f", λ_pix {s['weights']['pix']:g}, λ_kl {s['weights']['kl']:g}, "
-                                 f"λ_adv {s['weights']['adv']:g}, λ_feat {s['weights']['feat']:g}")
+                                 f"λ_adv {s['weights']['adv']:g}, λ_feat {s['weights']['feat']:g}"
+                                 + iou_weight(s["weights"]))
         schedule = "" if s.get("lr_schedule", "constant") == "constant" else f" {s['lr_schedule']}"
         parts.append(f"{s['name']} (lr {fmt_lr(s['lr'])}{schedule}, batch {s['batch_size']}{extra}: {steps})")
     return [wrap(f"{short(manifest['family'])} {manifest['version']}, recipe `{recipe['name']}`"
