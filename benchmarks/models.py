@@ -6,7 +6,8 @@ the workers run them (per mechanism: `run`; "three_sessions": `run_separately`; 
 the students in PyTorch, rebuilt from the manifest's per-mechanism student configs with the weights of the
 distillation run in <runs-dir>/<family>/<version>/ when present (random weights otherwise: same cost, so
 the timing holds). CUDA is timed too when present. One-counterfactual latency covers noise drawing, the
-three mechanisms, composition and uint8 conversion. Default folders come from core.settings.Paths
+three mechanisms, composition and uint8 conversion. The family's speed target is judged on the fused graphs at
+the largest batch, timed teacher / student in alternation (--rounds; each engine's fastest round). Default folders come from core.settings.Paths
 ($SKDCGN_MODELS_DIR, $SKDCGN_RUNS_DIR, $SKDCGN_SHARED).
 
     python -m benchmarks.models --family double_colored_mnist [--models-dir models] [--min-seconds 1]
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -222,6 +224,18 @@ def torch_runner(modules: dict[str, nn.Module], device: str) -> Callable[[dict, 
     return run_all
 
 
+def alternating_rounds(steps: dict[str, Callable[[], object]], batch: int, min_seconds: float,
+                       rounds: int) -> dict[str, list[float]]:
+    """images/s of each engine, timed in alternation `rounds` times. Why: on a shared host a burst of load during
+    one engine's single pass moves the ratio by tens of percent; alternating exposes both to the same host, and
+    each engine's fastest round (timeit's advice: the least disturbed) is what the target is judged on."""
+    timings: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            timings[name].append(images_per_second(step, batch, min_seconds))
+    return timings
+
+
 def measure(steps_for_batch: Callable[[int], dict[str, Callable]], batches, min_seconds: float) -> dict:
     """{variant: {batch: images/s}}; a variant that fails records its error instead of a number."""
     table: dict[str, dict] = {}
@@ -260,13 +274,17 @@ def run(args: argparse.Namespace) -> dict:
             # The students were verified once above: on another device, the same files with its providers.
             student = students if device == "cpu" else ModelRuntime(
                 students.directory, threads=args.threads, providers=providers, verify=False)
-            for name, graphs in (("teacher", TeacherGraphs(teacher_paths, args.threads, providers)),
-                                 ("student", student)):
+            engines = {"teacher": TeacherGraphs(teacher_paths, args.threads, providers), "student": student}
+            for name, graphs in engines.items():
                 print(f"timing {name} with onnxruntime on {device} ...", file=sys.stderr)
                 timings[f"{name}/onnxruntime-{device}"] = measure(
                     lambda b: onnx_steps(graphs, b, noise), args.batches, args.min_seconds)
                 latency[f"{name}/onnxruntime-{device}-fused"] = counterfactual_ms(
                     graphs.run_fused, noise, size, shuffle, args.min_seconds)
+            if device == "cpu" and args.rounds:
+                print(f"timing the fused graphs in {args.rounds} alternating rounds ...", file=sys.stderr)
+                fused = {name: onnx_steps(graphs, max(args.batches), noise)["fused"] for name, graphs in engines.items()}
+                result["fused_rounds"] = alternating_rounds(fused, max(args.batches), args.min_seconds, args.rounds)
     for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
         for name, modules in (("teacher", teacher_mods), ("student", student_mods)):
             print(f"timing {name} with PyTorch on {device} ...", file=sys.stderr)
@@ -278,22 +296,37 @@ def run(args: argparse.Namespace) -> dict:
     result["host"]["loadavg_end"] = os.getloadavg()
     result["speedup_batch"] = max(args.batches)
     family_targets = TARGETS.get(args.family)
-    result["speedup"] = speedups(timings, result["speedup_batch"], family_targets and family_targets.fused_speedup)
+    result["speedup"] = speedups(timings, result["speedup_batch"], family_targets and family_targets.fused_speedup,
+                                 result.get("fused_rounds"))
     return result
 
 
-def speedups(timings: dict, batch: int, target: float | None) -> dict:
+def speedups(timings: dict, batch: int, target: float | None, fused_rounds: dict | None = None) -> dict:
     """Student over teacher images/s at `batch`, both through onnxruntime on CPU, per mechanism; the family's
-    target (training/evaluation/targets.py) is judged on the fused graph, the one the service runs."""
+    target (training/evaluation/targets.py) is judged on the fused graph, the one the service runs: on each
+    engine's fastest alternating round when there are any, else on the single pass of the table."""
     teacher, student = timings.get("teacher/onnxruntime-cpu", {}), timings.get("student/onnxruntime-cpu", {})
     out = {}
     for variant in list(MECHANISMS) + ["three_sessions", "fused"]:
         t, s = teacher.get(variant, {}).get(str(batch)), student.get(variant, {}).get(str(batch))
         if isinstance(t, float) and isinstance(s, float):
             out[variant] = {"speedup": s / t}
+            if variant == "fused" and fused_rounds:
+                ratios = [s_i / t_i for t_i, s_i in zip(fused_rounds["teacher"], fused_rounds["student"])]
+                out[variant] = {"speedup": max(fused_rounds["student"]) / max(fused_rounds["teacher"]),
+                                "single_pass": s / t, "round_ratios": ratios}
             if variant == "fused" and target is not None:
-                out[variant] |= {"target": target, "meets_target": s / t >= target}
+                out[variant] |= {"target": target, "meets_target": out[variant]["speedup"] >= target}
     return out
+
+
+def rounds_note(speedup: dict) -> str:
+    """' (fastest of 9 alternating rounds each; per round 1.9–2.3×, median 2.05×; single pass 2.10×)'."""
+    ratios = speedup.get("round_ratios")
+    if not ratios:
+        return ""
+    return (f" (fastest of {len(ratios)} alternating rounds each; per round {min(ratios):.2f}–{max(ratios):.2f}×, "
+            f"median {statistics.median(ratios):.2f}×; single pass {speedup['single_pass']:.2f}×)")
 
 
 def verdict(speedup: dict) -> str:
@@ -314,7 +347,8 @@ def markdown(result: dict, plot: str) -> str:
         for variant, per_batch in ordered(variants, variant_order):
             rows.append([engine, variant] + [f"{v:,.0f}" if isinstance(v, float) else v for v in
                                              (per_batch.get(str(b), "") for b in batches)])
-    speed = [[m, f"{v['speedup']:.2f}×", verdict(v)] for m, v in ordered(result["speedup"], variant_order)]
+    speed = [[m, f"{v['speedup']:.2f}×" + rounds_note(v), verdict(v)]
+             for m, v in ordered(result["speedup"], variant_order)]
     latency = [[engine, f"{ms:.2f}" if isinstance(ms, float) else ms]
                for engine, ms in ordered(result["counterfactual_ms"], engine_order)]
     host = result["host"]
@@ -408,6 +442,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: onnxruntime decides)")
     parser.add_argument("--min-seconds", type=float, default=1.0, help="time each measurement at least this long")
     parser.add_argument("--batches", default=",".join(map(str, BATCHES)))
+    parser.add_argument("--rounds", type=int, default=9,
+                        help="alternating teacher/student timings of the fused graph at the largest batch; the "
+                             "target is judged on each engine's fastest round (0: on the table's single pass)")
     parser.add_argument("--torch-threads", type=int, default=0, help="PyTorch intra-op threads (0: its default)")
     parser.add_argument("--results-dir", default="benchmarks/results")
     parser.add_argument("--results-md", default="docs/RESULTS.md")

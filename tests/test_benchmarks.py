@@ -101,13 +101,17 @@ def test_model_benchmark_writes_results(tmp_path, tiny_models, restore_torch_thr
     results, md = tmp_path / "results", tmp_path / "docs" / "RESULTS.md"
     assert model_bench.main([
         "--family", FAMILY, "--models-dir", str(models), "--runs-dir", str(tmp_path / "runs"),
-        "--teacher-path", str(SHARED / "teachers" / "cgn_mnist"), "--batches", "1,4", "--min-seconds", "0",
+        "--teacher-path", str(SHARED / "teachers" / "cgn_mnist"), "--batches", "1,4", "--min-seconds", "0", "--rounds", "2",
         "--threads", "1", "--torch-threads", "1", "--results-dir", str(results), "--results-md", str(md)]) == 0
     result = json.loads((results / f"models_{FAMILY}.json").read_text())
     for engine in ("teacher/onnxruntime-cpu", "student/onnxruntime-cpu", "teacher/pytorch-cpu", "student/pytorch-cpu"):
         per_batch = result["images_per_second"][engine]["fused" if "onnx" in engine else "all"]
         assert set(per_batch) == {"1", "4"} and all(isinstance(v, float) for v in per_batch.values()), per_batch
     assert set(result["speedup"]) == {*MECHANISMS, "three_sessions", "fused"}
+    fused = result["speedup"]["fused"]
+    rounds = result["fused_rounds"]
+    assert len(fused["round_ratios"]) == len(rounds["teacher"]) == len(rounds["student"]) == 2
+    assert fused["speedup"] == pytest.approx(max(rounds["student"]) / max(rounds["teacher"]))
     assert "random weights" in result["student_torch_weights"]
     assert (md.parent / f"throughput_{FAMILY}.png").is_file() and "bench-models-" in md.read_text()
 

@@ -271,12 +271,16 @@ def recipe_args(tmp_path, out, work="work", *extra):
     ]
 
 
-def test_default_recipe_is_the_one_double_colored_v2_shipped_with():
-    shipped = load_recipe(REPO / "models" / "double_colored_mnist" / "v2")
+def test_default_recipe_is_the_one_double_colored_v3_shipped_with():
+    shipped = load_recipe(REPO / "models" / "double_colored_mnist" / "v3")
     assert load_preset(DEFAULT_PRESET).resolve(MNIST_PRESET, 50000) == shipped
     assert [(stage.lr, stage.steps) for stage in shipped.stages] == [
         (5e-4, {"shape": 8000, "texture": 2500, "background": 2500}), (2e-4, {"texture": 2500, "background": 2500}),
-        (1e-4, {"shape": 4500}), (5e-5, {"shape": 2500})]
+        (1e-4, {"shape": 4500}), (5e-5, {"shape": 2500}), (1e-4, {"shape": 10000})]
+    assert shipped.stages[-1].lr_schedule == "cosine" and shipped.stages[-1].weights.iou == 1.0
+    previous = load_recipe(REPO / "models" / "double_colored_mnist" / "v2")
+    assert load_preset("double_colored_mnist_v2").resolve(MNIST_PRESET, 50000) == previous
+    assert shipped.stages[:-1] == previous.stages
     tinygan = load_preset("tinygan").stages
     assert len(tinygan) == 1 and (tinygan[0].lr, tinygan[0].weights.pix, tinygan[0].weights.kl) == (2e-4, 0.2, 0.1)
     assert set(preset_names()) >= {DEFAULT_PRESET, "tinygan"}
@@ -309,10 +313,10 @@ def test_command_line_edits_build_one_stage_or_add_a_stage_on_resume(tmp_path):
     quick = RecipeChanges(steps={"shape": 4}, lr=1e-3).apply(default, resuming=False, replaceable=True)
     assert len(quick.stages) == 1 and quick.stages[0].lr == 1e-3 and quick.stages[0].weights.kl == 1.0
     assert quick.stages[0].steps == {"shape": 4, "texture": 4, "background": 4} and "command line" in quick.notes
-    with pytest.raises(RecipeError, match="ambiguous for the 4 stages"):
+    with pytest.raises(RecipeError, match="ambiguous for the 5 stages"):
         RecipeChanges(lr=1e-3).apply(default, resuming=False, replaceable=False)
     wider = RecipeChanges(student=StudentPreset(channels=[32, 16, 16, 8])).apply(default, False, False)
-    assert len(wider.stages) == 4 and all(p.channels == [32, 16, 16, 8] for p in wider.students.values())
+    assert len(wider.stages) == 5 and all(p.channels == [32, 16, 16, 8] for p in wider.students.values())
 
     started = quick.resolve(MNIST_PRESET, 96)  # as saved beside checkpoints at step 4
     longer = RecipeChanges(steps={"shape": 6}).apply(started, resuming=True, replaceable=False)

@@ -2,9 +2,9 @@
 manifest that records the recipe.
 
 Examples:
-    # the default recipe: the one double_colored_mnist v2 shipped with
+    # the default recipe: the one double_colored_mnist v3 shipped with
     python training/distill.py --teacher double_colored --teacher-path ../shared/teachers/cgn_mnist \\
-        --out models/double_colored_mnist/v3 --promote
+        --out models/double_colored_mnist/v4 --promote
     # re-run a shipped version, or a recipe file (YAML or JSON), or a named preset
     python training/distill.py ... --recipe models/double_colored_mnist/v2
     python training/distill.py ... --recipe my_recipe.yaml
@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     parser.add_argument("--promote", action="store_true", help="point <family>/LATEST at the new version on success")
 
-    source = parser.add_argument_group("recipe (default: the one double_colored_mnist v2 shipped with)")
+    source = parser.add_argument_group("recipe (default: the one double_colored_mnist v3 shipped with)")
     chosen = source.add_mutually_exclusive_group()
     chosen.add_argument("--recipe", help="a .yaml or .json recipe, a version folder (its manifest's recipe) or a "
                                          "work folder (its recipe.json)")

@@ -27,7 +27,7 @@ from training.students import DISCRIMINATOR_CHANNELS, UPSAMPLE_MODES
 
 RECIPE_FILE = "recipe.json"  # beside the checkpoints in the work folder
 PRESETS_DIR = Path(__file__).with_name("recipes")
-DEFAULT_PRESET = "double_colored_mnist_v2"  # what ships: the default recipe is the shipped one
+DEFAULT_PRESET = "double_colored_mnist_v3"  # what ships: the default recipe is the shipped one
 LR_SCHEDULES = ("constant", "cosine")
 
 
