@@ -72,3 +72,16 @@ def test_targets_block_keeps_what_was_tried():
     manifest["targets"] = {"tried": ["wider texture students"], "checks": [], "met": True, "missed": []}
     block = targets_block(manifest)
     assert block["tried"] == ["wider texture students"] and block["checks"]
+
+
+def test_a_superseded_version_keeps_the_speed_it_was_measured_at():
+    manifest = copy.deepcopy(shipped("colored_mnist"))
+    bench = {"family": "colored_mnist", "version": manifest["version"], "speedup_batch": 256,
+             "speedup": {"fused": {"speedup": 2.4}}}
+    manifest["targets"] = targets_block(manifest, bench, "models_colored_mnist.json")
+    newer = {**bench, "version": "a-newer-one", "speedup": {"fused": {"speedup": 1.1}}}
+    kept = next(c for c in targets_block(manifest, newer)["checks"] if c["name"] == "fused speed")
+    assert kept["measured"] == 2.4 and kept["met"] is True and kept["source"] == "models_colored_mnist.json"
+    fresh = copy.deepcopy(shipped("colored_mnist"))
+    fresh.pop("targets", None)  # never benchmarked: nothing to keep
+    assert next(c for c in targets_block(fresh, newer)["checks"] if c["name"] == "fused speed")["measured"] is None

@@ -18,6 +18,7 @@ from training.recipe import (
     DEFAULT_PRESET, Recipe, RecipeChanges, RecipeError, StudentPreset, load_preset, load_recipe, preset_names,
 )
 from training.students import HEADS, ProjectionDiscriminator, StudentConfig, TinyGenerator, count_parameters
+from training.teachers.loading import MNIST_STUDENTS
 from tests.paths import REPO, TEACHERS_DIR, needs_shared
 
 TEACHER_PARAMETERS = 659_992
@@ -76,6 +77,28 @@ def test_student_shapes_and_ranges(mechanism, upsample):
     assert out.min() >= low and out.max() <= high
 
 
+@pytest.mark.parametrize("mechanism", list(HEADS))
+def test_subpixel_head_makes_full_size_outputs_from_half_size_tensors(mechanism):
+    """The sub-pixel head's last ×2 is depth-to-space: no hidden tensor (only the output) reaches 32×32."""
+    student = TinyGenerator(StudentConfig(channels=[96, 64, 32], upsample="nearest", head="subpixel"), mechanism).eval()
+    sizes = []
+    hooks = [module.register_forward_hook(lambda _m, _i, out: sizes.append(out.shape[-1]))
+             for module in student.modules() if isinstance(module, (torch.nn.Conv2d, torch.nn.BatchNorm2d))]
+    out = student(torch.randn(5, 32) * 3, torch.randint(0, 10, (5,)))
+    for hook in hooks:
+        hook.remove()
+    assert out.shape == (5, HEADS[mechanism][1], 32, 32) and max(sizes) == 16
+    low, high = (0.0, 1.0) if mechanism == "shape" else (-1.0, 1.0)
+    assert out.min() >= low and out.max() <= high
+
+
+def test_mnist_shape_preset_is_wider_and_still_within_the_parameter_limit():
+    students_of = {m: TinyGenerator(StudentConfig(**preset), m) for m, preset in MNIST_STUDENTS.items()}
+    assert MNIST_STUDENTS["shape"]["head"] == "subpixel"
+    assert count_parameters(students_of["shape"]) > count_parameters(students_of["texture"])
+    assert sum(count_parameters(s) for s in students_of.values()) < TEACHER_PARAMETERS / 2
+
+
 def test_students_are_lighter_than_the_teacher():
     config = StudentConfig(channels=[128, 64, 32, 16])
     total = sum(count_parameters(TinyGenerator(config, m)) for m in HEADS)
@@ -85,6 +108,10 @@ def test_students_are_lighter_than_the_teacher():
 def test_bad_student_config_is_explained():
     with pytest.raises(ValueError, match="channel widths"):
         TinyGenerator(StudentConfig(channels=[64, 32]), "shape")
+    with pytest.raises(ValueError, match="subpixel head needs 3 channel widths .*one per ×2 but the last"):
+        TinyGenerator(StudentConfig(channels=[64, 32, 16, 8], head="subpixel"), "shape")
+    with pytest.raises(ValueError, match="head must be one of"):
+        TinyGenerator(StudentConfig(channels=[64, 32, 16, 8], head="pixelshuffle"), "shape")
     with pytest.raises(ValueError, match="upsample must be one of .*nearest.*bilinear"):
         TinyGenerator(StudentConfig(channels=[64, 32, 16, 8], upsample="bicubic"), "shape")
 
@@ -121,6 +148,41 @@ def test_student_overfits_a_fixed_batch():
         optimiser.step()
         history.append(loss.item())
     assert history[-1] < 0.4 * history[0]
+
+
+class FixedMasks:
+    """The two calls train_student makes of a Bank, over 32 random masks."""
+
+    def __init__(self):
+        rng = np.random.default_rng(0)
+        self.z = rng.standard_normal((32, 32)).astype(np.float32)
+        self.y = rng.integers(0, 10, 32)
+        self.mask = (rng.random((32, 1, 32, 32)) > 0.5).astype(np.float32)
+
+    def __len__(self):
+        return 32
+
+    def sample(self, key, batch_size, rng):
+        index = rng.choice(32, batch_size, replace=False)
+        return self.z[index], self.y[index], self.mask[index]
+
+
+@pytest.mark.parametrize("adv,feat,trained", [(0.0, 0.0, False), (0.01, 0.0, True), (0.0, 1.0, True)])
+def test_stages_that_do_not_read_the_discriminator_do_not_train_it(tmp_path, adv, feat, trained):
+    from training.trainer import train_student
+
+    weights = {**TOY_WEIGHTS, "adv": adv, "feat": feat}
+    recipe = Recipe.from_dict({"name": "d", "discriminator_channels": [8, 8, 16, 16, 16], "seed": 5, "stages": [
+        {"name": "s", "steps": {"shape": 3}, "lr": 1e-3, "batch_size": 8, "weights": weights}]})
+    config = StudentConfig(channels=[16, 8, 8, 8], embed_dim=8)
+    torch.manual_seed(recipe.seed)  # as train_student starts: the same initial student and discriminator
+    TinyGenerator(config, "shape")
+    initial = ProjectionDiscriminator(1, 10, recipe.discriminator_channels).state_dict()
+    _, log, _ = train_student("shape", FixedMasks(), config, recipe, torch.device("cpu"), tmp_path / "shape.pt")
+    state = torch.load(tmp_path / "shape.pt", weights_only=False)
+    unchanged = all(torch.equal(initial[name], state["discriminator"][name]) for name in initial)
+    assert unchanged is not trained
+    assert (log[0]["loss_d"] is None) is not trained and log[0]["pix"] > 0 and "iou" in log[0]
 
 
 def test_parity_check_catches_a_frozen_batch_axis(tmp_path):
@@ -236,7 +298,6 @@ def test_failed_parity_check_refuses_to_finish(tmp_path, capsys, monkeypatch):
     assert not out.parent.exists() or not any(out.parent.iterdir())
 
 
-MNIST_PRESET = {"channels": [64, 32, 16, 8], "embed_dim": 32, "upsample": "nearest"}
 TOY_WEIGHTS = {"pix": 1.0, "pix_decay": 0.0, "adv": 0.01, "feat": 1.0, "kl": 1.0,
                "feature_layers": [0.1, 0.1, 0.2, 0.3, 1.0]}
 
@@ -271,19 +332,33 @@ def recipe_args(tmp_path, out, work="work", *extra):
     ]
 
 
-def test_default_recipe_is_the_one_double_colored_v3_shipped_with():
-    shipped = load_recipe(REPO / "models" / "double_colored_mnist" / "v3")
-    assert load_preset(DEFAULT_PRESET).resolve(MNIST_PRESET, 50000) == shipped
-    assert [(stage.lr, stage.steps) for stage in shipped.stages] == [
-        (5e-4, {"shape": 8000, "texture": 2500, "background": 2500}), (2e-4, {"texture": 2500, "background": 2500}),
-        (1e-4, {"shape": 4500}), (5e-5, {"shape": 2500}), (1e-4, {"shape": 10000})]
-    assert shipped.stages[-1].lr_schedule == "cosine" and shipped.stages[-1].weights.iou == 1.0
-    previous = load_recipe(REPO / "models" / "double_colored_mnist" / "v2")
-    assert load_preset("double_colored_mnist_v2").resolve(MNIST_PRESET, 50000) == previous
-    assert shipped.stages[:-1] == previous.stages
+def test_default_recipe_is_the_one_double_colored_ships_with():
+    latest = (REPO / "models" / "double_colored_mnist" / "LATEST").read_text().strip()
+    shipped = load_recipe(REPO / "models" / "double_colored_mnist" / latest)
+    default = load_preset(DEFAULT_PRESET)
+    assert all(preset == StudentPreset() for preset in default.students.values())  # any teacher's presets
+    assert default.resolve(MNIST_STUDENTS, 50000) == shipped
+    assert shipped.students["shape"].head == "subpixel" and shipped.students["texture"].head == "conv"
+    for version in ("v2", "v3"):  # older recipe files pin the students they were trained with
+        assert load_preset(f"double_colored_mnist_{version}").resolve(MNIST_STUDENTS, 50000) == load_recipe(
+            REPO / "models" / "double_colored_mnist" / version)
     tinygan = load_preset("tinygan").stages
     assert len(tinygan) == 1 and (tinygan[0].lr, tinygan[0].weights.pix, tinygan[0].weights.kl) == (2e-4, 0.2, 0.1)
     assert set(preset_names()) >= {DEFAULT_PRESET, "tinygan"}
+
+
+def test_widths_without_a_head_mean_the_conv_head():
+    """Every recipe and manifest written before the sub-pixel head names widths and no head: they stay conv
+    students whatever head the teacher's preset has, and so do --channels edits."""
+    old = StudentPreset.from_dict({"channels": [64, 32, 16, 8], "embed_dim": 32})
+    assert old.head == "conv" and old.filled(MNIST_STUDENTS["shape"]).head == "conv"
+    assert StudentPreset().filled(MNIST_STUDENTS["shape"]) == StudentPreset(**MNIST_STUDENTS["shape"])
+    edited = RecipeChanges(student=StudentPreset(channels=[32, 16, 16, 8])).apply(load_preset(DEFAULT_PRESET), False,
+                                                                                   False)
+    assert {p.head for p in edited.students.values()} == {"conv"}
+    narrow = StudentConfig(channels=[64, 32, 16, 8]).to_dict()
+    del narrow["head"]  # a checkpoint saved before the field existed
+    assert StudentConfig(**narrow) == StudentConfig(channels=[64, 32, 16, 8], head="conv")
 
 
 @pytest.mark.parametrize("manifest", sorted((REPO / "models").glob("*/v*/manifest.json")), ids=lambda p: p.parent.name)
@@ -318,7 +393,7 @@ def test_command_line_edits_build_one_stage_or_add_a_stage_on_resume(tmp_path):
     wider = RecipeChanges(student=StudentPreset(channels=[32, 16, 16, 8])).apply(default, False, False)
     assert len(wider.stages) == 5 and all(p.channels == [32, 16, 16, 8] for p in wider.students.values())
 
-    started = quick.resolve(MNIST_PRESET, 96)  # as saved beside checkpoints at step 4
+    started = quick.resolve(MNIST_STUDENTS, 96)  # as saved beside checkpoints at step 4
     longer = RecipeChanges(steps={"shape": 6}).apply(started, resuming=True, replaceable=False)
     assert len(longer.stages) == 1 and longer.stages[0].steps == {"shape": 6, "texture": 4, "background": 4}
     annealed = RecipeChanges(steps={"shape": 9}, lr=1e-4).apply(started, resuming=True, replaceable=False)
@@ -338,7 +413,8 @@ def test_two_stage_recipe_runs_records_both_stages_and_loads_back(tmp_path, toy_
     recorded = manifest["recipe"]
     stages = [(s["name"], s["lr"], s["batch_size"]) for s in recorded["stages"]]
     assert stages == [("fast", 5e-4, 16), ("slow", 1e-4, 8)]
-    assert recorded["students"]["background"] == {"channels": [32, 16, 16, 8], "embed_dim": 8, "upsample": "nearest"}
+    assert recorded["students"]["background"] == {"channels": [32, 16, 16, 8], "embed_dim": 8, "upsample": "nearest",
+                                                  "head": "conv"}
     assert recorded["bank_size"] == 96 and recorded["notes"] == "two tiny stages"
     assert json.loads((tmp_path / "work" / "recipe.json").read_text()) == recorded
     assert manifest["training"]["steps"] == {"shape": 5, "texture": 3, "background": 2}

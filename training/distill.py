@@ -2,9 +2,9 @@
 manifest that records the recipe.
 
 Examples:
-    # the default recipe: the one double_colored_mnist v3 shipped with
+    # the default recipe: the one double_colored_mnist v5 shipped with
     python training/distill.py --teacher double_colored --teacher-path ../shared/teachers/cgn_mnist \\
-        --out models/double_colored_mnist/v4 --promote
+        --out models/double_colored_mnist/v6 --promote
     # re-run a shipped version, or a recipe file (YAML or JSON), or a named preset
     python training/distill.py ... --recipe models/double_colored_mnist/v2
     python training/distill.py ... --recipe my_recipe.yaml
@@ -26,7 +26,7 @@ from core.noise import MECHANISMS
 from training.export import ParityError
 from training.fetch import ChecksumError
 from training.recipe import RecipeChanges, StudentPreset, load_preset, load_recipe, preset_names
-from training.students import UPSAMPLE_MODES
+from training.students import HEAD_KINDS, UPSAMPLE_MODES
 from training.teachers.loading import TeacherError, teacher_names
 from training.trainer import DistillConfig, DistillError, run
 
@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     parser.add_argument("--promote", action="store_true", help="point <family>/LATEST at the new version on success")
 
-    source = parser.add_argument_group("recipe (default: the one double_colored_mnist v3 shipped with)")
+    source = parser.add_argument_group("recipe (default: the one double_colored_mnist v5 shipped with)")
     chosen = source.add_mutually_exclusive_group()
     chosen.add_argument("--recipe", help="a .yaml or .json recipe, a version folder (its manifest's recipe) or a "
                                          "work folder (its recipe.json)")
@@ -80,6 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     run_edits.add_argument("--channels", type=numbers(int), help="student widths for every mechanism, 4×4 first")
     run_edits.add_argument("--embed-dim", type=int, help="student class-embedding size for every mechanism")
     run_edits.add_argument("--upsample", choices=UPSAMPLE_MODES, help="student upsampling for every mechanism")
+    run_edits.add_argument("--head", choices=HEAD_KINDS,
+                           help="how students make the last ×2: conv (a full-size block, then a 3×3 conv; what "
+                                "--channels alone means) or subpixel (a 3×3 conv at half size and depth-to-space; "
+                                "--channels then lists one width fewer)")
     run_edits.add_argument("--disc-channels", type=numbers(int), help="discriminator widths, e.g. 16,32,64,128,128")
     run_edits.add_argument("--seed", type=int, help="seeds the bank, the initialisation and the batch order")
     run_edits.add_argument("--bank-size", type=int, help="training samples in the bank (teacher default: 50,000 for "
@@ -120,7 +124,7 @@ def parse_args(argv: list[str] | None) -> DistillConfig:
     args = build_parser().parse_args(argv)
     recipe = load_recipe(args.recipe) if args.recipe else load_preset(args.preset) if args.preset else None
     changes = RecipeChanges(
-        mechanisms=args.mechanisms, student=StudentPreset(args.channels, args.embed_dim, args.upsample),
+        mechanisms=args.mechanisms, student=StudentPreset(args.channels, args.embed_dim, args.upsample, args.head),
         discriminator_channels=args.disc_channels, seed=args.seed, bank_size=args.bank_size, heldout=args.heldout,
         classes=args.classes, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
         weights={name: getattr(args, flag) for flag, name in WEIGHT_FLAGS.items() if getattr(args, flag) is not None},

@@ -23,11 +23,11 @@ from core.atomic import write_text_atomic
 from core.manifest import MANIFEST_NAME
 from core.noise import MECHANISMS
 from training.losses import FEATURE_WEIGHTS
-from training.students import DISCRIMINATOR_CHANNELS, UPSAMPLE_MODES
+from training.students import DISCRIMINATOR_CHANNELS, HEAD_KINDS, UPSAMPLE_MODES
 
 RECIPE_FILE = "recipe.json"  # beside the checkpoints in the work folder
 PRESETS_DIR = Path(__file__).with_name("recipes")
-DEFAULT_PRESET = "double_colored_mnist_v3"  # what ships: the default recipe is the shipped one
+DEFAULT_PRESET = "subpixel_mask_restart"  # what ships: the default recipe is the shipped one
 LR_SCHEDULES = ("constant", "cosine")
 
 
@@ -74,6 +74,10 @@ class LossWeights:
     def pixel_weight(self, epoch: float) -> float:
         return max(0.0, self.pix - self.pix_decay * int(epoch))
 
+    def uses_discriminator(self) -> bool:
+        """Whether the student's loss reads the discriminator (else a stage need not train it at all)."""
+        return bool(self.adv or self.feat)
+
     @classmethod
     def from_dict(cls, data: dict, where: str = "weights") -> "LossWeights":
         return _fill(cls, data, where, pix=float, pix_decay=float, adv=float, feat=float, kl=float, iou=float,
@@ -117,13 +121,24 @@ class Stage:
 class StudentPreset:
     """One mechanism's student; z size, class count and image size come from the teacher. None: the teacher's."""
 
-    channels: list[int] | None = None  # 4×4 first, then one per ×2 upsampling
+    channels: list[int] | None = None  # 4×4 first, then one per ResBlockUp (training/students.py)
     embed_dim: int | None = None
     upsample: str | None = None
+    head: str | None = None  # "conv" or "subpixel"; channels given without a head mean "conv", as they always did
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "student") -> "StudentPreset":
-        return _fill(cls, data, where, channels=_ints, embed_dim=int)
+        return _fill(cls, data, where, channels=_ints, embed_dim=int).with_own_head()
+
+    def with_own_head(self) -> "StudentPreset":
+        """Widths given without a head mean the conv head (every recipe and manifest before the sub-pixel head):
+        a teacher's preset head belongs to the preset's widths, never to these."""
+        return replace(self, head="conv") if self.channels is not None and self.head is None else self
+
+    def filled(self, preset: dict) -> "StudentPreset":
+        """Unset fields taken from the teacher's `preset` for this mechanism."""
+        own = {key: value for key, value in asdict(self.with_own_head()).items() if value is not None}
+        return StudentPreset(**(preset | own))
 
 
 def _all_students() -> dict[str, StudentPreset]:
@@ -186,11 +201,9 @@ class Recipe:
                 out.append((first, end, settings))
         return out
 
-    def resolve(self, student_preset: dict, bank_size: int) -> "Recipe":
-        """The recipe with every unset field taken from the teacher's presets, checked."""
-        students = {m: StudentPreset(**{key: value if value is not None else student_preset[key]
-                                        for key, value in asdict(preset).items()})
-                    for m, preset in self.students.items()}
+    def resolve(self, student_presets: dict[str, dict], bank_size: int) -> "Recipe":
+        """The recipe with every unset field taken from the teacher's presets (per mechanism), checked."""
+        students = {m: preset.filled(student_presets[m]) for m, preset in self.students.items()}
         resolved = replace(self, students=students, bank_size=self.bank_size or bank_size)
         resolved.validate()
         return resolved
@@ -220,6 +233,8 @@ class Recipe:
         for mechanism, preset in self.students.items():
             if preset.upsample is not None and preset.upsample not in UPSAMPLE_MODES:
                 problems.append(f"students.{mechanism}.upsample must be one of {', '.join(UPSAMPLE_MODES)}")
+            if preset.head is not None and preset.head not in HEAD_KINDS:
+                problems.append(f"students.{mechanism}.head must be one of {', '.join(HEAD_KINDS)}")
         if self.heldout < 1 or (self.bank_size is not None and self.bank_size < 1):
             problems.append("heldout and bank_size must be positive")
         if problems:
@@ -278,7 +293,7 @@ class RecipeChanges:
         its stages; `replaceable`: nobody asked for `recipe` by name, so stage edits may replace its stages."""
         run = {name: getattr(self, name) for name in ("mechanisms", "discriminator_channels", "seed", "bank_size",
                                                          "heldout", "classes") if getattr(self, name) is not None}
-        chosen = {key: value for key, value in asdict(self.student).items() if value is not None}
+        chosen = {key: value for key, value in asdict(self.student.with_own_head()).items() if value is not None}
         edited = replace(recipe, students={m: replace(p, **chosen) for m, p in recipe.students.items()}, **run)
         if self.edits_stages():
             if resuming:

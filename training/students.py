@@ -19,6 +19,10 @@ from core.manifest import MECHANISM_OUTPUTS
 OUTPUT_CHANNELS = {"shape": 1, "texture": 3, "background": 3}
 HEADS = {m: (MECHANISM_OUTPUTS[m], OUTPUT_CHANNELS[m]) for m in MECHANISM_OUTPUTS}  # output tensor name, channels
 UPSAMPLE_MODES = ("nearest", "bilinear")
+# How the last ×2 is made: "conv", a ResBlockUp to full size then a 3×3 conv; "subpixel" (ESPCN), a 3×3 conv at half
+# size to 4× the output channels, then depth-to-space. Sub-pixel keeps every hidden tensor below full size: on CPU
+# these students are bound by memory passes over the 32×32 tensors, not by multiply-adds.
+HEAD_KINDS = ("conv", "subpixel")
 DISCRIMINATOR_CHANNELS = (16, 32, 64, 128, 128)  # five stride-2 convolutions: 32 px down to 1×1
 
 
@@ -28,10 +32,12 @@ class StudentConfig:
     n_classes: int = 10
     image_size: int = 32
     embed_dim: int = 32
-    channels: list[int] = field(default_factory=lambda: [128, 64, 32, 32])  # 4×4, then one per upsampling
+    # 4×4, then one per ResBlockUp: one per ×2 for the conv head, one fewer for the sub-pixel head.
+    channels: list[int] = field(default_factory=lambda: [128, 64, 32, 32])
     # "bilinear" (v1 students) or "nearest" (BigGAN/TinyGAN's choice: a copy, not a Resize kernel, so the
     # memory-bound upsampling that dominated CPU inference costs much less).
     upsample: str = "bilinear"
+    head: str = "conv"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -104,12 +110,15 @@ class TinyGenerator(nn.Module):
         super().__init__()
         if mechanism not in HEADS:
             raise ValueError(f"unknown mechanism {mechanism!r}; expected one of {', '.join(HEADS)}")
+        if config.head not in HEAD_KINDS:
+            raise ValueError(f"head must be one of {HEAD_KINDS}, got {config.head!r}")
+        subpixel = config.head == "subpixel"
         upsamplings = int(math.log2(config.image_size // 4))
-        if 4 * 2**upsamplings != config.image_size or len(config.channels) != upsamplings + 1:
-            raise ValueError(
-                f"image_size {config.image_size} needs {upsamplings + 1} channel widths (4×4 then one per ×2), "
-                f"got {config.channels}"
-            )
+        widths = upsamplings + (0 if subpixel else 1)
+        if 4 * 2**upsamplings != config.image_size or len(config.channels) != widths:
+            per = "one per ×2 but the last, which the sub-pixel head makes" if subpixel else "one per ×2"
+            raise ValueError(f"image_size {config.image_size} with the {config.head} head needs {widths} channel "
+                             f"widths (4×4, then {per}), got {config.channels}")
         self.config, self.mechanism = config, mechanism
         self.output_name, out_channels = HEADS[mechanism]
         self.embedding = nn.Embedding(config.n_classes, config.embed_dim)
@@ -117,8 +126,11 @@ class TinyGenerator(nn.Module):
         self.blocks = nn.ModuleList(
             ResBlockUp(cin, cout, config.embed_dim, config.upsample) for cin, cout in zip(config.channels[:-1], config.channels[1:])
         )
+        last = config.channels[-1]
         self.head = nn.Sequential(
-            nn.BatchNorm2d(config.channels[-1]), nn.ReLU(), nn.Conv2d(config.channels[-1], out_channels, 3, padding=1)
+            nn.BatchNorm2d(last), nn.ReLU(),
+            *((nn.Conv2d(last, out_channels * 4, 3, padding=1), nn.PixelShuffle(2)) if subpixel
+              else (nn.Conv2d(last, out_channels, 3, padding=1),))
         )
 
     def forward(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

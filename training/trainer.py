@@ -100,7 +100,7 @@ def train_student(
     start, earlier_seconds = 0, 0.0
     if checkpoint.is_file():
         state = torch.load(checkpoint, map_location=device, weights_only=False)
-        if state["config"] != config.to_dict():
+        if StudentConfig(**state["config"]) != config:  # fields added since it was saved take their defaults
             raise DistillError(f"{checkpoint} holds a student {state['config']}, not the recipe's {config.to_dict()}; "
                                "use another --work-dir")
         student.load_state_dict(state["student"])
@@ -133,29 +133,28 @@ def train_student(
             z, y, target = (torch.from_numpy(a).to(device) for a in bank.sample(key, stage.batch_size, rng))
             epoch = (drawn + (step - first) * stage.batch_size) / len(bank)
             fake = student(z, y)
-            real_in = to_discriminator_range(target, mechanism)
+            terms = {"pix": losses.pixel_l1(fake, target),
+                     "kl": losses.bernoulli_kl(fake, target, value_range(mechanism))}
+            loss_d = None
+            if weights.uses_discriminator():  # else the stage leaves the discriminator as it was, untouched
+                real_in = to_discriminator_range(target, mechanism)
+                real_scores, _ = disc(real_in, y)
+                fake_scores, _ = disc(to_discriminator_range(fake.detach(), mechanism), y)
+                loss_d = losses.hinge_discriminator(real_scores, fake_scores)
+                opt_d.zero_grad(set_to_none=True)
+                loss_d.backward()
+                opt_d.step()
 
-            real_scores, _ = disc(real_in, y)
-            fake_scores, _ = disc(to_discriminator_range(fake.detach(), mechanism), y)
-            loss_d = losses.hinge_discriminator(real_scores, fake_scores)
-            opt_d.zero_grad(set_to_none=True)
-            loss_d.backward()
-            opt_d.step()
-
-            with torch.no_grad():
-                _, real_features = disc(real_in, y)
-            fake_scores, fake_features = disc(to_discriminator_range(fake, mechanism), y)
-            terms = {
-                "pix": losses.pixel_l1(fake, target),
-                "adv": losses.hinge_generator(fake_scores),
-                "feat": losses.feature_l1(fake_features, real_features, weights.feature_layers),
-                "kl": losses.bernoulli_kl(fake, target, value_range(mechanism)),
-            }
+                with torch.no_grad():
+                    _, real_features = disc(real_in, y)
+                fake_scores, fake_features = disc(to_discriminator_range(fake, mechanism), y)
+                terms["adv"] = losses.hinge_generator(fake_scores)
+                terms["feat"] = losses.feature_l1(fake_features, real_features, weights.feature_layers)
             if mechanism == "shape":
                 terms["iou"] = losses.soft_iou_loss(fake, target)
             lambda_pix = weights.pixel_weight(epoch)
-            loss_g = (weights.feat * terms["feat"] + lambda_pix * terms["pix"] + weights.adv * terms["adv"]
-                      + weights.kl * terms["kl"] + weights.iou * terms.get("iou", 0.0))
+            loss_g = (lambda_pix * terms["pix"] + weights.kl * terms["kl"] + weights.iou * terms.get("iou", 0.0)
+                      + weights.feat * terms.get("feat", 0.0) + weights.adv * terms.get("adv", 0.0))
             opt_g.zero_grad(set_to_none=True)
             loss_g.backward()
             opt_g.step()
@@ -163,10 +162,10 @@ def train_student(
             bar.update()
             if step % log_every == 0 or step == end - 1:
                 row = {"mechanism": mechanism, "stage": stage.name, "step": step, "epoch": round(epoch, 4),
-                       "loss_d": loss_d.item(), "loss_g": loss_g.item(), "lambda_pix": lambda_pix, "lr": lr,
-                       **{k: v.item() for k, v in terms.items()}}
+                       "loss_d": None if loss_d is None else loss_d.item(), "loss_g": loss_g.item(),
+                       "lambda_pix": lambda_pix, "lr": lr, **{k: v.item() for k, v in terms.items()}}
                 log.append(row)
-                bar.set_postfix(pix=f"{row['pix']:.4f}", feat=f"{row['feat']:.3f}", kl=f"{row['kl']:.4f}")
+                bar.set_postfix({k: f"{row[k]:.4f}" for k in ("pix", "feat", "kl", "iou") if k in row})
             if (step + 1) % checkpoint_every == 0 or step + 1 == end:  # the next stage starts from this one's end
                 save(step + 1)
         drawn += (end - first) * stage.batch_size
@@ -189,7 +188,7 @@ def plan_recipe(config: DistillConfig, teacher: TeacherAdapter, work_dir: Path) 
     base = config.recipe or saved
     recipe = config.changes.apply(base or load_preset(DEFAULT_PRESET),
                                   resuming=base is not None and any(progress.values()), replaceable=base is None)
-    recipe = recipe.resolve(teacher.student_preset(), teacher.bank_size)
+    recipe = recipe.resolve(teacher.student_presets, teacher.bank_size)
     if recipe.classes and not all(0 <= c < teacher.n_classes for c in recipe.classes):
         raise DistillError(f"classes must lie in 0..{teacher.n_classes - 1}, got {recipe.classes}")
     recipe.check_continues(saved, progress, work_dir)

@@ -108,9 +108,10 @@ def fmt_l1(value: float) -> str:
 
 
 def widths(manifest: dict) -> str:
-    """'64-32-16-8 nearest' for students alike, else per mechanism."""
+    """'64-32-16-8 nearest' for students alike, else per mechanism; ' sub-pixel' marks the sub-pixel head."""
     configs = recorded_students(manifest)
-    shown = {m: "-".join(map(str, c["channels"])) + f" {c.get('upsample', 'bilinear')}" for m, c in configs.items()}
+    shown = {m: "-".join(map(str, c["channels"])) + f" {c.get('upsample', 'bilinear')}"
+             + (" sub-pixel" if c.get("head") == "subpixel" else "") for m, c in configs.items()}
     if len(set(shown.values())) == 1:
         return next(iter(shown.values()))
     return ", ".join(f"{m} {s}" for m, s in shown.items())

@@ -55,8 +55,13 @@ def speedup_of(manifest: dict, bench: dict | None) -> float | None:
     return fused["speedup"] if fused else None
 
 
-def assess(manifest: dict, bench: dict | None = None, bench_source: str | None = None) -> dict:
-    """Every target of the manifest's family, measured; `missed` says each miss and by how much."""
+def assess(manifest: dict, bench: dict | None = None, bench_source: str | None = None,
+           earlier_speed: dict | None = None) -> dict:
+    """Every target of the manifest's family, measured; `missed` says each miss and by how much.
+
+    `earlier_speed`: the fused-speed check recorded when this version was benchmarked, kept when `bench` is of
+    another version (the benchmark file holds the latest version only; a newer one must not erase older figures).
+    """
     family = manifest["family"]
     spec = TARGETS[family]
     metrics = manifest.get("metrics") or {}
@@ -79,7 +84,9 @@ def assess(manifest: dict, bench: dict | None = None, bench_source: str | None =
                              ratio_to_baseline=l1 / baseline))
     speedup = speedup_of(manifest, bench)
     speed_target = f"≥ {spec.fused_speedup:g}× the teacher's fused graph (onnxruntime CPU, batch {SPEED_BATCH})"
-    if speedup is None:
+    if speedup is None and earlier_speed:
+        checks.append(earlier_speed)
+    elif speedup is None:
         checks.append(_check("fused speed", speed_target, None, None, source="not measured for this version"))
     else:
         met = speedup >= spec.fused_speedup
@@ -116,5 +123,8 @@ def missed(checks: list[dict]) -> list[str]:
 
 def targets_block(manifest: dict, bench: dict | None = None, bench_source: str | None = None) -> dict:
     """The manifest's `targets` block as it should read now: measured afresh, hand-written keys kept."""
-    kept = {key: value for key, value in (manifest.get("targets") or {}).items() if key in HAND_WRITTEN}
-    return {**assess(manifest, bench, bench_source), **kept}
+    recorded = manifest.get("targets") or {}
+    kept = {key: value for key, value in recorded.items() if key in HAND_WRITTEN}
+    earlier_speed = next((check for check in recorded.get("checks", [])
+                          if check["name"] == "fused speed" and check["measured"] is not None), None)
+    return {**assess(manifest, bench, bench_source, earlier_speed), **kept}
