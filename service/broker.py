@@ -116,11 +116,17 @@ class Broker:
         return dict(zip(QUEUES, await pipe.execute()))
 
     async def workers(self) -> list[dict]:
-        """Heartbeats of the workers that are up and have loaded their models."""
+        """Heartbeats of the workers that are up and have loaded their models.
+
+        The view admission reuses is stamped with the time its read began, and a read that began before the one
+        already kept is not kept: reads overlap (the probe's and /readyz's), and a slow one that saw a worker just
+        before its heartbeat expired must not replace a newer read that found it gone."""
+        began = time.monotonic()
         keys = [key async for key in self.redis.scan_iter(match=WORKER_PREFIX + "*", count=100)]
         values = await self.redis.mget(keys) if keys else []
         found = [json.loads(value) for value in values if value]
-        self._workers = (time.monotonic(), found)
+        if began >= self._workers[0]:
+            self._workers = (began, found)
         return found
 
     async def recent_workers(self) -> list[dict]:

@@ -130,3 +130,48 @@ def test_promoted_version_is_served_without_restart(client, stack, models_dir):
     finally:
         rollback(models_dir, FAMILY)
     assert counterfactual(client, **request).json()["version"] == old
+
+
+def test_an_older_heartbeat_read_never_replaces_a_newer_one():
+    """Reads of the workers' heartbeats overlap (the probe's, /readyz's, admission's): one that began before a
+    worker's heartbeat expired and ends after a newer read found it gone must not bring the worker back, or
+    admission queues requests for nobody (504 instead of a fast 503)."""
+    import asyncio
+
+    from core.messages import WORKER_PREFIX
+    from core.settings import Settings
+    from service.broker import Broker
+
+    class Heartbeats:
+        """Redis's two calls, where each scan can be held until the test lets it finish."""
+
+        def __init__(self):
+            self.alive, self.gates = True, []
+
+        async def scan_iter(self, match, count):
+            gate = asyncio.Event()
+            self.gates.append(gate)
+            seen = self.alive  # what Redis held when the scan ran
+            await gate.wait()
+            if seen:
+                yield WORKER_PREFIX + "w1"
+
+        async def mget(self, keys):
+            return ['{"name": "w1", "loaded": []}' for _ in keys]
+
+    async def scenario():
+        broker = Broker(Settings.from_env())
+        await broker.close()
+        broker.redis = heartbeats = Heartbeats()
+        slow = asyncio.create_task(broker.workers())  # begins while the worker is alive
+        await asyncio.sleep(0)
+        heartbeats.alive = False  # the heartbeat expires
+        fresh = asyncio.create_task(broker.workers())
+        await asyncio.sleep(0)
+        heartbeats.gates[1].set()
+        assert await fresh == []
+        heartbeats.gates[0].set()
+        assert [w["name"] for w in await slow] == ["w1"]  # the caller still gets what it read
+        assert await broker.recent_workers() == [] and broker.worker_count() == 0
+
+    asyncio.run(scenario())
