@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import os
-import platform
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
+from benchmarks import host
 from benchmarks.models import (
     TeacherGraphs, TeacherMechanism, attempt, cost, counterfactual_ms, export_teacher, images_per_second, inputs,
     torch_runner,
@@ -103,9 +102,8 @@ def run(args: argparse.Namespace) -> dict:
     result = {
         "image_size": cgn.IMAGE_SIZE, "batch": args.batch, "reps": args.reps,
         "teacher_weights": args.teacher_path or "random initialisation (timing only)",
-        "host": {"machine": platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__,
-                 "torch_threads": torch.get_num_threads(), "cuda": torch.cuda.get_device_name(0)
-                 if torch.cuda.is_available() else None, "loadavg_start": os.getloadavg()},
+        "host": host.start(torch=torch.__version__, torch_threads=torch.get_num_threads(),
+                           cuda=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None),
         "images_per_second": {},
     }
     with tempfile.TemporaryDirectory() as tmp:
@@ -136,7 +134,7 @@ def run(args: argparse.Namespace) -> dict:
         for name, modules in (("student", student_mods), ("teacher", teacher_mods)):
             print(f"timing the {name} with PyTorch on {device} ...", file=sys.stderr)
             speeds[f"{name}/pytorch-{device}"] = torch_speeds(modules, args.batch, device, args.reps)
-    result["host"]["loadavg_end"] = os.getloadavg()
+    host.finish(result["host"])
     # Student over teacher images/s on the same device: like for like (same engine) first, then the served
     # students against the teacher as its authors run it (PyTorch).
     pairs = [("student/onnxruntime-cpu", "teacher/onnxruntime-cpu")]
@@ -177,13 +175,13 @@ def markdown(result: dict) -> str:
                   for engine, values in sorted(result["images_per_second"].items(), key=lambda i: engine_order(i[0]))]
     ratio_rows = [[pair] + [f"{ratios[key]:.1f}×" if key in ratios else "" for key in keys]
                   for pair, ratios in sorted(result["speedup"].items(), key=lambda i: pair_order(i[0]))]
-    host = result["host"]
+    machine = result["host"]
     return "\n".join([
         f"### ImageNet family at {result['image_size']} px: teacher vs TinyGAN-256 students",
         "",
-        f"Host: {host['cpus']} CPUs ({host['machine']}), torch {host['torch']} with {host['torch_threads']} threads"
-        + (f", GPU {host['cuda']}" if host["cuda"] else ", no GPU")
-        + f"; load average {host['loadavg_start'][0]:.1f} at start, {host['loadavg_end'][0]:.1f} at end. "
+        f"Host: {machine['cpus']} CPUs ({machine['machine']}), torch {machine['torch']} with "
+        f"{machine['torch_threads']} threads" + (f", GPU {machine['cuda']}" if machine["cuda"] else ", no GPU")
+        + f"; {host.describe(machine)}. "
         f"Batch {result['batch']} per mechanism, a counterfactual at batch 1; {result['reps']} timed calls after one "
         f"warm-up. Teacher: {result['teacher_weights']}; students: {result['student_weights']}.",
         "",

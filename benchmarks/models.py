@@ -15,8 +15,6 @@ the largest batch, timed teacher / student in alternation (--rounds; each engine
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -28,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from benchmarks import host
 from core.compose import compose_samples
 from core.imageio import to_uint8
 from core.noise import MECHANISMS, NoiseSpec, draw_sample_noise
@@ -255,8 +254,7 @@ def run(args: argparse.Namespace) -> dict:
     z1, y1 = (torch.from_numpy(a) for a in inputs(4, noise))
     result = {
         "family": args.family, "version": students.version, "models_dir": str(students.directory),
-        "host": {"machine": platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__,
-                 "torch_threads": torch.get_num_threads(), "loadavg_start": os.getloadavg()},
+        "host": host.start(torch=torch.__version__, torch_threads=torch.get_num_threads()),
         "min_seconds": args.min_seconds, "batches": args.batches, "student_torch_weights": weights,
         "cost": {
             "teacher": {m: cost(teacher_mods[m], z1, y1) for m in MECHANISMS} | {"total_parameters": sum(
@@ -293,7 +291,7 @@ def run(args: argparse.Namespace) -> dict:
                                                           args.batches, args.min_seconds)
             latency[f"{name}/pytorch-{device}"] = counterfactual_ms(
                 torch_runner(moved, device), noise, size, shuffle, args.min_seconds)
-    result["host"]["loadavg_end"] = os.getloadavg()
+    host.finish(result["host"])
     result["speedup_batch"] = max(args.batches)
     family_targets = TARGETS.get(args.family)
     result["speedup"] = speedups(timings, result["speedup_batch"], family_targets and family_targets.fused_speedup,
@@ -351,13 +349,13 @@ def markdown(result: dict, plot: str) -> str:
              for m, v in ordered(result["speedup"], variant_order)]
     latency = [[engine, f"{ms:.2f}" if isinstance(ms, float) else ms]
                for engine, ms in ordered(result["counterfactual_ms"], engine_order)]
-    host = result["host"]
+    machine = result["host"]
     return "\n".join([
         f"### Model benchmark: {result['family']}/{result['version']}",
         "",
-        f"Host: {host['cpus']} CPUs ({host['machine']}), torch {host['torch']} with {host['torch_threads']} threads; "
-        f"load average {host['loadavg_start'][0]:.1f} at start, {host['loadavg_end'][0]:.1f} at end"
-        f"{load_caveat(host)}. Each number: at least {result['min_seconds']:g} s of repeated calls after one "
+        f"Host: {machine['cpus']} CPUs ({machine['machine']}), torch {machine['torch']} with "
+        f"{machine['torch_threads']} threads; {host.describe(machine)}. Each number: at least "
+        f"{result['min_seconds']:g} s of repeated calls after one "
         f"warm-up call. Student PyTorch: {result['student_torch_weights']}.",
         "",
         table_or_empty(["model", "mechanism", "parameters", "MMACs / image"], cost_rows),
@@ -394,15 +392,6 @@ def variant_order(name: str) -> tuple:
 
 def ordered(mapping: dict, key) -> list:
     return sorted(mapping.items(), key=lambda item: key(item[0]))
-
-
-def load_caveat(host: dict) -> str:
-    """A warning when other work held the CPU as the run began (1-minute load average above the core count).
-
-    The end value is not used: the benchmark's own threads raise it."""
-    if host["loadavg_start"][0] <= host["cpus"]:
-        return ""
-    return " (other jobs shared this CPU: absolute numbers are pessimistic; ratios were measured back to back)"
 
 
 def table_or_empty(headers, rows) -> str:

@@ -19,6 +19,7 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from torch import nn
 
+from benchmarks import host
 from benchmarks import models as model_bench
 from benchmarks import serving
 from core.noise import MECHANISMS, NoiseSpec
@@ -113,7 +114,39 @@ def test_model_benchmark_writes_results(tmp_path, tiny_models, restore_torch_thr
     assert len(fused["round_ratios"]) == len(rounds["teacher"]) == len(rounds["student"]) == 2
     assert fused["speedup"] == pytest.approx(max(rounds["student"]) / max(rounds["teacher"]))
     assert "random weights" in result["student_torch_weights"]
+    assert "cpu_jiffies_start" not in result["host"] and "CPU steal" in md.read_text()
     assert (md.parent / f"throughput_{FAMILY}.png").is_file() and "bench-models-" in md.read_text()
+
+
+def fake_proc_stat(path: Path, steal: int, total: int) -> Path:
+    """/proc/stat's aggregate line: user nice system idle iowait irq softirq steal guest guest_nice."""
+    user = total - steal - 300
+    path.write_text(f"cpu  {user} 0 100 200 0 0 0 {steal} 7 0\ncpu0 1 2 3 4 5 6 7 8 9 10\n")
+    return path
+
+
+def test_host_records_the_share_of_cpu_time_the_hypervisor_stole(tmp_path, monkeypatch):
+    stat = fake_proc_stat(tmp_path / "stat", steal=50, total=1_000)
+    assert host.cpu_jiffies(stat) == [50, 1_000]
+    assert host.cpu_jiffies(tmp_path / "missing") is None
+    monkeypatch.setattr(host, "PROC_STAT", stat)
+    monkeypatch.setattr(host.os, "getloadavg", lambda: (0.5, 0.5, 0.5))
+    monkeypatch.setattr(host.os, "cpu_count", lambda: 2)
+    quiet = host.start(torch="x")
+    fake_proc_stat(stat, steal=60, total=2_000)  # 10 of 1,000 jiffies stolen: 1 %
+    assert host.finish(quiet)["cpu_steal"] == pytest.approx(0.01) and "cpu_jiffies_start" not in quiet
+    assert "CPU steal 1.0 %" in host.describe(quiet) and "pessimistic" not in host.describe(quiet)
+    stolen = host.start()
+    fake_proc_stat(stat, steal=360, total=3_000)  # 300 of 1,000: 30 %
+    text = host.describe(host.finish(stolen))
+    assert "CPU steal 30.0 %" in text and "the hypervisor took CPU time" in text and "other jobs" not in text
+    monkeypatch.setattr(host.os, "getloadavg", lambda: (3.0, 3.0, 3.0))
+    assert "other jobs and the hypervisor took" in host.describe(host.finish(host.start()) | {"cpu_steal": 0.3})
+
+
+def test_host_description_reads_results_recorded_before_steal_was(tmp_path):
+    older = {"cpus": 2, "loadavg_start": [0.2, 0, 0], "loadavg_end": [1.9, 0, 0]}
+    assert host.describe(older) == "load average 0.2 at start, 1.9 at end"
 
 
 PNG = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg=="
