@@ -11,7 +11,8 @@ import torch
 import yaml
 
 from core.manifest import load_manifest, verify_files
-from training import distill, export, losses, students
+from training import distill, evaluate, export, losses, students
+from training.evaluation import remake
 from training.bank import Bank
 from training.package import student_configs
 from training.recipe import (
@@ -435,6 +436,32 @@ def test_two_stage_recipe_runs_records_both_stages_and_loads_back(tmp_path, toy_
     assert distill.main(recipe_args(tmp_path, again, "work", "--recipe", str(out), "--resume")) == 0
     rerun = load_manifest(again)
     assert rerun["recipe"] == recorded and rerun["metrics"] == manifest["metrics"]
+
+
+@needs_shared
+def test_a_version_re_made_from_its_manifest_matches_it(tmp_path, toy_recipe):
+    """No checkpoint carried over: `--recipe <version folder>` in a fresh work folder re-makes the same students."""
+    shipped = tmp_path / "models" / "double_colored_mnist" / "t1"
+    assert distill.main(recipe_args(tmp_path, shipped, "work", "--recipe", str(toy_recipe))) == 0
+    again = tmp_path / "remade" / "double_colored_mnist" / "t1"
+    assert distill.main(recipe_args(tmp_path, again, "fresh-work", "--recipe", str(shipped))) == 0
+
+    results, page = tmp_path / "results", tmp_path / "RESULTS.md"
+    assert evaluate.main(["remake", "--family", "double_colored_mnist", "--version", "t1", "--models-dir",
+                          str(tmp_path / "models"), "--remade", str(tmp_path / "remade"), "--results-dir", str(results),
+                          "--results-md", str(page)]) == 0
+    result = json.loads((results / "remake_double_colored_mnist_t1.json").read_text())
+    assert [row["metric"] for row in result["metrics"]] == ["mask IoU", "mask L1", "texture L1", "background L1"]
+    assert all(row["difference"] == pytest.approx(0, abs=1e-6) for row in result["metrics"])
+    assert all(v["max_abs_difference"] < 1e-5 for v in result["outputs"]["per_mechanism"].values())
+    assert set(result["identical_onnx"]) == {"shape.onnx", "texture.onnx", "background.onnx", "fused.onnx"}
+    assert "re-made from its manifest's recipe (`toy`)" in page.read_text()
+
+    manifest = json.loads((again / "manifest.json").read_text())
+    manifest["recipe"]["stages"][0]["lr"] = 1e-3  # another recipe: not a re-make of t1
+    (again / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(remake.NotARemake, match="was not made by the recipe of double_colored_mnist/t1"):
+        remake.compare(shipped, again)
 
 
 @needs_shared

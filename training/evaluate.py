@@ -7,6 +7,7 @@ Examples:
     python -m training.evaluate invariance --family double_colored_mnist --images 2000 --epochs 1 --seeds 0
     python -m training.evaluate all                                                           # every shipped family
     python -m training.evaluate render                             # rewrite the RESULTS.md sections from the JSON files
+    python -m training.evaluate remake --family wildlife_mnist --version v4 --remade /tmp/remake   # vs its re-make
 
 The SKDCGN paper's experiments (training/evaluation/paper.py; JSON benchmarks/results/paper_*.json, sections of
 docs/RESULTS.md under "The SKDCGN paper's experiments" and "Paper claims" at the top):
@@ -29,10 +30,10 @@ from pathlib import Path
 
 import torch
 
-from core.manifest import ManifestError, VersionNotFound, latest_version
+from core.manifest import ManifestError, VersionNotFound, latest_version, resolve_version
 from core.runtime import ModelRuntime
 from core.settings import Paths
-from training.evaluation import report
+from training.evaluation import remake, report
 from training.evaluation.classifier import TrainConfig
 from core.compose import PAPER_STUDY, UNMODIFIED
 from training.evaluation.fidelity import digit_recogniser, evaluate_fidelity
@@ -52,12 +53,14 @@ PAPER_SCALE = {"images": 100_000, "epochs": 10}
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     paths = Paths.from_env()  # defaults: the model repository and ../shared (teachers, MNIST, textures)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["fidelity", "invariance", "all", "render", *PAPER_COMMANDS])
+    parser.add_argument("command", choices=["fidelity", "invariance", "all", "render", "remake", *PAPER_COMMANDS])
     parser.add_argument("--family", help=f"model family (default for `all`: every shipped one of {EVALUATED_FAMILIES}; the "
                         f"invariant-classifier experiment runs for {INVARIANCE_FAMILIES})")
     parser.add_argument("--models-dir", default=str(paths.models_dir),
                         help="model repository (default $SKDCGN_MODELS_DIR, else models)")
     parser.add_argument("--version", help="student version (default the family's LATEST)")
+    parser.add_argument("--remade", help="remake: the model repository that `training.distill --recipe "
+                                         "models/<family>/<version>` wrote the same version into")
     parser.add_argument("--teacher-path", default=str(paths.shared_dir / "teachers" / "cgn_mnist"))
     parser.add_argument("--data-dir", default=str(paths.shared_dir / "data"), help="holds mnist/ and textures/")
     parser.add_argument("--pairs", type=int, default=2000, help="held-out pairs for fidelity")
@@ -94,8 +97,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     if set(args.arms) - {"real", "teacher", "student"} or not args.seeds:
         parser.error("--arms takes real, teacher, student; --seeds needs at least one seed")
-    if args.command in ("fidelity", "invariance", "transparency", "original-plus-cf") and not args.family:
+    if args.command in ("fidelity", "invariance", "remake", "transparency", "original-plus-cf") and not args.family:
         parser.error(f"{args.command} needs --family")
+    if args.command == "remake" and not args.remade:
+        parser.error("remake needs --remade, the model repository holding the re-made version")
     if args.command in ("table1", "baseline"):
         args.family = args.family or "double_colored_mnist"
     args.columns = [c.strip() for c in args.columns.split(",") if c.strip()]
@@ -130,7 +135,23 @@ def render_all(args: argparse.Namespace) -> None:
         render_fidelity(args.results_md, json.loads(path.read_text()))
     for path in sorted(Path(args.results_dir).glob("invariance_*.json")):
         render_invariance(args.results_md, json.loads(path.read_text()), args.results_dir)
+    for path in sorted(Path(args.results_dir).glob("remake_*.json")):
+        render_remake(args.results_md, json.loads(path.read_text()))
     paper_report.render_all(args.results_dir, args.results_md)
+
+
+def render_remake(results_md: str, result: dict) -> str:
+    body = remake.markdown(result)
+    report.update_section(results_md, remake.section_name(result), body)
+    return body
+
+
+def run_remake(args: argparse.Namespace) -> None:
+    """The shipped version against its re-make (same version name in --remade), written and rendered."""
+    version, shipped = resolve_version(args.models_dir, args.family, args.version)
+    result = remake.compare(shipped, Path(args.remade) / args.family / version)
+    report.write_json(Path(args.results_dir) / f"remake_{args.family}_{version}.json", result)
+    print(render_remake(args.results_md, result))
 
 
 def paper_sources(args: argparse.Namespace, family: str) -> dict:
@@ -258,20 +279,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)
-    families = [args.family] if args.family else shipped_families(args.models_dir)
-    if args.command in PAPER_COMMANDS:
-        try:
-            run_paper(args)
-        except (ManifestError, VersionNotFound, ValueError, OSError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        return 0
     try:
-        for family in families:
-            if args.command in ("fidelity", "all"):
-                run_fidelity(args, family)
-            if args.command == "invariance" or (args.command == "all" and family in INVARIANCE_FAMILIES):
-                run_invariance(args, family)
+        if args.command == "remake":
+            run_remake(args)
+        elif args.command in PAPER_COMMANDS:
+            run_paper(args)
+        else:
+            for family in [args.family] if args.family else shipped_families(args.models_dir):
+                if args.command in ("fidelity", "all"):
+                    run_fidelity(args, family)
+                if args.command == "invariance" or (args.command == "all" and family in INVARIANCE_FAMILIES):
+                    run_invariance(args, family)
     except (ManifestError, VersionNotFound, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
