@@ -19,6 +19,8 @@ from typing import Callable
 from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from kombu import serialization
 
 from core.celery_config import make_celery
@@ -58,14 +60,20 @@ class Broker:
         self.settings = settings
         self.celery = make_celery(settings)
         timeout = settings.redis_timeout_s
-        quick = dict(socket_connect_timeout=timeout, socket_timeout=timeout, timeout=timeout,
+        # A connection left idle in a pool across a Redis restart is dead; the first command on it fails at once
+        # with ConnectionError. One immediate retry on a new connection keeps that from becoming a 503 after Redis
+        # is back, and a Redis still down refuses the retry just as fast. Timeouts (a frozen Redis) are not
+        # retried: an outage stays a fast 503.
+        reconnect = Retry(NoBackoff(), 1, supported_errors=(aioredis.ConnectionError,))
+        quick = dict(socket_connect_timeout=timeout, socket_timeout=timeout, timeout=timeout, retry=reconnect,
                      max_connections=settings.max_in_flight + 32)
         self.redis = aioredis.Redis(connection_pool=aioredis.BlockingConnectionPool.from_url(
             settings.redis_url, decode_responses=True, **quick))
         # BLPOP waits up to the synchronous timeout, so its socket timeout must exceed it.
         self.blocking = aioredis.Redis(connection_pool=aioredis.BlockingConnectionPool.from_url(
             settings.redis_url, decode_responses=True, socket_connect_timeout=timeout,
-            socket_timeout=settings.sync_timeout_s + 5, timeout=timeout, max_connections=settings.max_in_flight + 8))
+            socket_timeout=settings.sync_timeout_s + 5, timeout=timeout, retry=reconnect,
+            max_connections=settings.max_in_flight + 8))
         self.cache = self.redis if settings.cache_url == settings.redis_url else aioredis.Redis(
             connection_pool=aioredis.BlockingConnectionPool.from_url(settings.cache_url, **quick))
         self.down_reason: str | None = None  # why the last probe failed; None while Redis answers

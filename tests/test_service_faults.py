@@ -175,3 +175,39 @@ def test_an_older_heartbeat_read_never_replaces_a_newer_one():
         assert await broker.recent_workers() == [] and broker.worker_count() == 0
 
     asyncio.run(scenario())
+
+
+def test_pooled_connections_survive_a_redis_restart(tmp_path):
+    """Connections left idle in the gateway's pools when Redis restarts are dead; each must be replaced on use, not
+    turned into a 503 for whichever request draws it (seen as /readyz 503 right after a 200 in the fault test)."""
+    import asyncio
+    import dataclasses
+
+    from core.settings import Settings
+    from service.broker import Broker
+    from service.run_local import redis_answers, start_redis, stop, wait_until
+    from tests.service_stack import free_port
+
+    port, log = free_port(), open(tmp_path / "redis.log", "w")
+    url = f"redis://127.0.0.1:{port}/0"
+
+    def redis_up():
+        process = start_redis(port, log)
+        wait_until(lambda: redis_answers(url), 10, "Redis", {"redis": process})
+        return process
+
+    async def scenario():
+        server = redis_up()
+        broker = Broker(dataclasses.replace(Settings.from_env(), redis_url=url, cache_url=url))
+        try:
+            await asyncio.gather(*[broker.redis.ping() for _ in range(8)])  # eight connections, now idle in the pool
+            stop([server])
+            server = redis_up()
+            for _ in range(8):
+                assert await broker.workers() == []
+            broker.ensure_up()
+        finally:
+            await broker.close()
+            stop([server])
+
+    asyncio.run(scenario())
