@@ -185,29 +185,22 @@ def test_pooled_connections_survive_a_redis_restart(tmp_path):
 
     from core.settings import Settings
     from service.broker import Broker
-    from service.run_local import redis_answers, start_redis, stop, wait_until
-    from tests.service_stack import free_port
 
-    port, log = free_port(), open(tmp_path / "redis.log", "w")
-    url = f"redis://127.0.0.1:{port}/0"
-
-    def redis_up():
-        process = start_redis(port, log)
-        wait_until(lambda: redis_answers(url), 10, "Redis", {"redis": process})
-        return process
+    stack = ServiceStack(tmp_path, models_dir=tmp_path)  # its Redis only: no worker, no gateway
+    url = stack.env["SKDCGN_REDIS_URL"]
 
     async def scenario():
-        server = redis_up()
+        stack.start_redis()
         broker = Broker(dataclasses.replace(Settings.from_env(), redis_url=url, cache_url=url))
         try:
             await asyncio.gather(*[broker.redis.ping() for _ in range(8)])  # eight connections, now idle in the pool
-            stop([server])
-            server = redis_up()
+            stack.stop_redis()
+            stack.start_redis()
             for _ in range(8):
                 assert await broker.workers() == []
             broker.ensure_up()
         finally:
             await broker.close()
-            stop([server])
+            stack.stop()
 
     asyncio.run(scenario())

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from core.noise import MECHANISMS
+from core.noise import MECHANISMS, draw_z
 from core.runtime import ModelRuntime
 from training.evaluation import report
 from training.recipe import load_recipe
@@ -29,10 +29,11 @@ class NotARemake(ValueError):
 
 
 def fixed_inputs(runtime: ModelRuntime, batch: int, seed: int = 0) -> tuple[dict, dict]:
-    """Per mechanism, the same noise and labels for any version of the family."""
+    """Per mechanism, the same noise (drawn as the contract draws it: the family's distribution and truncation)
+    and labels for any version of the family."""
     rng = np.random.default_rng(seed)
     labels = runtime.manifest["labels"]["count"]
-    z = {m: rng.standard_normal((batch, runtime.noise.dim)).astype(np.float32) for m in MECHANISMS}
+    z = {m: np.stack([draw_z(rng, runtime.noise) for _ in range(batch)]) for m in MECHANISMS}
     y = {m: rng.integers(0, labels, batch).astype(np.int64) for m in MECHANISMS}
     return z, y
 
@@ -53,8 +54,9 @@ def compare(shipped_dir: str | Path, remade_dir: str | Path, batch: int = 256) -
             metrics.append({"metric": label, "shipped": before, "remade": after, "difference": after - before})
     z, y = fixed_inputs(shipped, batch)
     ours, theirs = shipped.run_all(z, y), remade.run_all(z, y)
-    outputs = {m: {"max_abs_difference": float(np.abs(ours[m] - theirs[m]).max()),
-                   "mean_abs_difference": float(np.abs(ours[m] - theirs[m]).mean())} for m in MECHANISMS}
+    gaps = {m: np.abs(ours[m] - theirs[m]) for m in MECHANISMS}
+    outputs = {m: {"max_abs_difference": float(gap.max()), "mean_abs_difference": float(gap.mean())}
+               for m, gap in gaps.items()}
     return {
         "family": shipped.family, "version": shipped.version, "recipe": shipped.manifest["recipe"]["name"],
         "shipped": str(shipped.directory), "remade": str(remade.directory),
@@ -74,6 +76,9 @@ def markdown(result: dict) -> str:
                for m, v in result["outputs"]["per_mechanism"].items()]
     identical = [name for name, same in result["identical_onnx"].items() if same]
     minutes = {who: sum(seconds.values()) / 60 for who, seconds in result["training_seconds"].items() if seconds}
+    why_not = "" if len(identical) == len(result["identical_onnx"]) else (
+        " (same batches, but another CPU or thread count adds floating-point sums in another order, and adversarial "
+        "training carries those differences into other weights: the held-out metrics are what a re-make must reach)")
     return "\n".join([
         f"### {result['family']}/{result['version']} re-made from its manifest's recipe (`{result['recipe']}`)",
         "",
@@ -86,12 +91,8 @@ def markdown(result: dict) -> str:
         "",
         report.table(["mechanism", "max abs difference", "mean abs difference"], outputs),
         "",
-        f"Byte-identical ONNX files: {', '.join(identical) if identical else 'none'}"
-        + ("" if len(identical) == len(result["identical_onnx"]) else
-           " (same batches, but another CPU or thread count adds floating-point sums in another order, and "
-           "adversarial training carries those differences into other weights: the held-out metrics are what a "
-           "re-make must reach)") + ". Training time (all "
-        "mechanisms, CPU): " + ", ".join(f"{who} {value:.0f} min" for who, value in minutes.items()) + ".",
+        f"Byte-identical ONNX files: {', '.join(identical) or 'none'}{why_not}. Training time (all mechanisms, CPU): "
+        + ", ".join(f"{who} {value:.0f} min" for who, value in minutes.items()) + ".",
     ])
 
 
