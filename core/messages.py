@@ -12,7 +12,9 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal, Optional
 
-MESSAGE_SCHEMA = 2
+# 3: workers announce themselves in WORKERS_KEY (one hash) instead of one key each; a worker of an older release is
+# invisible to this gateway and refuses its tasks loudly, so mixed releases never serve half-working.
+MESSAGE_SCHEMA = 3
 
 INTERACTIVE_QUEUE = "interactive"
 JOBS_QUEUE = "jobs"
@@ -22,7 +24,7 @@ CHUNK_TASK = "workers.tasks.render_chunk"
 TASK_QUEUES = {RENDER_TASK: INTERACTIVE_QUEUE, CHUNK_TASK: JOBS_QUEUE}
 
 CACHE_PREFIX = "skdcgn:cache:"
-WORKER_PREFIX = "skdcgn:worker:"
+WORKERS_KEY = "skdcgn:workers"  # hash: worker name -> its heartbeat (JSON with `expires_at`, Redis server time)
 STATS_KEY = "skdcgn:stats"
 
 RenderKind = Literal["counterfactual", "mechanism"]
@@ -30,6 +32,32 @@ RenderKind = Literal["counterfactual", "mechanism"]
 
 class MessageSchemaError(ValueError):
     """A message of another contract version, or one missing fields: refused, never guessed at."""
+
+
+def redis_now(time_reply) -> float:
+    """Redis TIME's (seconds, microseconds) as epoch seconds: every heartbeat is stamped and judged on the Redis
+    server's clock, so hosts whose clocks disagree still agree on which workers are alive."""
+    seconds, micros = time_reply
+    return int(seconds) + int(micros) / 1e6
+
+
+def live_heartbeats(beats: dict, now: float, forget_after: float) -> tuple[list[dict], list[str]]:
+    """The heartbeats in WORKERS_KEY that have not expired at `now` (Redis time), sorted by name, and the names of
+    those expired more than `forget_after` seconds ago or unreadable (to drop: a worker that was only late keeps its
+    field). Its cost grows with the workers, never with what else Redis holds."""
+    live, forgotten = [], []
+    for name, raw in beats.items():
+        try:
+            beat = json.loads(raw)
+            expires_at = float(beat["expires_at"])
+        except (ValueError, TypeError, KeyError):
+            forgotten.append(name)
+            continue
+        if expires_at > now:
+            live.append(beat)
+        elif expires_at < now - forget_after:
+            forgotten.append(name)
+    return sorted(live, key=lambda beat: beat["name"]), forgotten
 
 
 def reply_key(reply_to: str) -> str:

@@ -9,6 +9,7 @@ Imports nothing heavy: the gateway, the workers and the client all import it.
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,17 +84,27 @@ def _number(name: str, default, kind=int, minimum=None):
     return value
 
 
+def _memory(name: str, default: str) -> str:
+    raw = _env(name, default).strip().lower()
+    if not re.fullmatch(r"[1-9][0-9]*(b|kb|mb|gb)?", raw):
+        raise SettingsError(f"{PREFIX}{name}={raw!r} is not a memory size: use e.g. 256mb or 2gb")
+    return raw
+
+
 @dataclass(frozen=True)
 class Settings:
     redis_url: str = "redis://127.0.0.1:6379/0"
     # The batch cache; in production a separate Redis with allkeys-lru so eviction never touches broker keys.
     cache_url: str = "redis://127.0.0.1:6379/0"
+    # The bound of the cache Redis `make run` starts when SKDCGN_CACHE_URL is unset (redis-server's maxmemory).
+    cache_max_memory: str = "256mb"
     paths: Paths = field(default_factory=Paths)
     default_model: str = "double_colored_mnist"
     max_n: int = 64  # images per synchronous request
     max_job_n: int = 1_000_000
     max_body_bytes: int = 2 << 20  # request bodies: explicit z for max_n samples of a 128-d noise model fits
     max_active_jobs_per_key: int = 8  # with api_keys: queued or running jobs per key before POST /jobs answers 429
+    job_create_rate: int = 60  # jobs one API key (without keys: all clients together) may create a minute; more: 429
     queue_bound: int = 64  # interactive tasks waiting before the gateway answers 429
     job_queue_bound: int = 10_000  # job chunks waiting before POST /jobs answers 429
     sync_timeout_s: float = 30.0
@@ -128,12 +139,14 @@ class Settings:
         return cls(
             redis_url=redis_url,
             cache_url=_env("CACHE_URL", redis_url),
+            cache_max_memory=_memory("CACHE_MAX_MEMORY", cls.cache_max_memory),
             paths=Paths.from_env(),
             default_model=_env("DEFAULT_MODEL", cls.default_model),
             max_n=_number("MAX_N", cls.max_n, minimum=1),
             max_job_n=_number("MAX_JOB_N", cls.max_job_n, minimum=1),
             max_body_bytes=_number("MAX_BODY_BYTES", cls.max_body_bytes, minimum=1),
             max_active_jobs_per_key=_number("MAX_ACTIVE_JOBS_PER_KEY", cls.max_active_jobs_per_key, minimum=1),
+            job_create_rate=_number("JOB_CREATE_RATE", cls.job_create_rate, minimum=1),
             queue_bound=_number("QUEUE_BOUND", cls.queue_bound, minimum=0),
             job_queue_bound=_number("JOB_QUEUE_BOUND", cls.job_queue_bound, minimum=0),
             sync_timeout_s=_number("SYNC_TIMEOUT_S", cls.sync_timeout_s, float, minimum=0.1),

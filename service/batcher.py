@@ -7,6 +7,9 @@ batches per live worker are being rendered (so each worker has its next batch qu
 under load, batches grow instead of queueing up). The worker renders it in one call of the graphs per model version
 and answers all its requests in one reply; each caller gets its own images, exactly those it would get alone, since
 every sample draws its noise from its own seed. While Redis is down, every waiting request is answered 503 at once.
+
+Every failure answers every request of its batch, whatever raised it, and every request waits at most
+`deadline_s`: a batch can never hold its callers (and their in-flight slots) forever.
 """
 from __future__ import annotations
 
@@ -33,6 +36,12 @@ class RenderBatcher:
         self.last_arrival = 0.0
         self.timer: asyncio.TimerHandle | None = None
         self.in_flight: dict[asyncio.Task, list[Waiting]] = {}
+        # The reply's own wait (BLPOP) plus publishing it and the batching window: past this, no answer is coming.
+        self.deadline_s = settings.sync_timeout_s + settings.redis_timeout_s + self.window_s + 1.0
+
+    def waiting(self) -> int:
+        """Requests waiting for an answer: pending in the next batch or in a batch being rendered."""
+        return len(self.pending) + sum(len(items) for items in self.in_flight.values())
 
     async def render(self, request: RenderRequest) -> RenderReply:
         """The worker's answer to `request`, rendered in a batch with whatever else arrived meanwhile."""
@@ -51,7 +60,11 @@ class RenderBatcher:
         elif self.timer is None:
             self.timer = loop.call_at(loop.time() + self.window_s - (time.monotonic() - self.oldest),
                                       self._window_elapsed)
-        return await future
+        try:
+            return await asyncio.wait_for(future, self.deadline_s)
+        except asyncio.TimeoutError:
+            raise ServiceError(504, f"no answer within {self.deadline_s:g} s; the service is overloaded or a worker "
+                                    "is stuck: retry later, or ask for fewer images") from None
 
     def _room(self) -> bool:
         return len(self.in_flight) < PIPELINE_DEPTH * max(1, self.broker.worker_count())
@@ -86,8 +99,15 @@ class RenderBatcher:
             await self.broker.send(RENDER_TASK, [(batch.reply_to, batch.to_dict())],
                                    expires=self.settings.sync_timeout_s)
             replies = (await self.broker.wait_batch(batch.reply_to)).replies
+            if len(replies) != len(items):
+                raise ServiceError(502, f"a worker answered {len(replies)} of the {len(items)} requests of a batch; "
+                                        "run the gateway and the workers from the same release")
         except ServiceError as exc:
             self._fail(items, exc)
+            return
+        except Exception as exc:  # anything else still answers every caller (CancelledError: fail_all answered)
+            self._fail(items, ServiceError(500, f"the gateway failed while rendering ({type(exc).__name__}: "
+                                                f"{str(exc)[:200]}); retry, and report it if it persists"))
             return
         for (_, future), reply in zip(items, replies):
             if not future.done():  # a caller that went away cancelled its future

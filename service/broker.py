@@ -2,10 +2,15 @@
 
 Two connection pools: short commands (cache, job records, admission) time out after `redis_timeout_s`, and the
 blocking waits for replies (BLPOP, one per batch in flight) have their own pool. Both pools are larger than the
-requests admitted at once, so overload is answered 429 by admission and never surfaces as a pool error. A probe
-pings Redis twice a second; while it fails, every request that needs Redis is answered 503 at once, waiting
-requests included, and the gateway recovers by itself when Redis answers again. Publishing is
-one LPUSH of the task, in the envelope of Celery's Redis transport, from the event loop.
+requests admitted at once, so overload is answered 429 by admission and never surfaces as a pool error.
+
+A probe, in a thread of its own with its own connection, reads Redis twice a second: queue depths, the Redis clock
+and the workers' heartbeats (one hash: its cost grows with the workers, never with the keyspace). Admission uses
+what it read, with no Redis call per request. Only the probe declares Redis down: while it fails, every request
+that needs Redis is answered 503 at once, waiting requests included, and the gateway recovers by itself when Redis
+answers again. Being a thread, it is never late because the event loop is busy, so a slow loop is never reported
+as a Redis outage; a request whose own Redis call fails is answered for itself (a cache read becomes a miss).
+Publishing is one LPUSH of the task, in the envelope of Celery's Redis transport, from the event loop.
 """
 from __future__ import annotations
 
@@ -13,18 +18,22 @@ import asyncio
 import base64
 import json
 import math
-import time
+import threading
 import uuid
+from dataclasses import dataclass, field
 from typing import Callable
 from urllib.parse import urlsplit
 
+import redis
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from kombu import serialization
 
 from core.celery_config import make_celery
-from core.messages import QUEUES, STATS_KEY, TASK_QUEUES, WORKER_PREFIX, BatchReply, reply_key
+from core.messages import (
+    QUEUES, STATS_KEY, TASK_QUEUES, WORKERS_KEY, BatchReply, live_heartbeats, redis_now, reply_key,
+)
 from core.settings import Settings
 
 
@@ -52,7 +61,15 @@ def refusals(workers: list[dict]) -> dict[str, str]:
 
 
 PROBE_INTERVAL_S = 0.5
-WORKERS_FRESH_S = 1.0  # admission reuses the workers' heartbeats read this recently
+FORGET_WORKER_AFTER_S = 60.0  # a heartbeat expired this long ago is dropped from the hash by the probe
+
+
+@dataclass(frozen=True)
+class ClusterView:
+    """What the probe last read: tasks waiting per queue and the workers whose heartbeat is current."""
+
+    depths: dict[str, int] = field(default_factory=dict)
+    workers: list[dict] = field(default_factory=list)
 
 
 class Broker:
@@ -78,10 +95,11 @@ class Broker:
             connection_pool=aioredis.BlockingConnectionPool.from_url(settings.cache_url, **quick))
         self.down_reason: str | None = None  # why the last probe failed; None while Redis answers
         self.on_down: list[Callable[[ServiceError], None]] = []
-        self._workers: tuple[float, list[dict]] = (0.0, [])
-        self.depths: dict[str, int] = {}  # queue -> tasks waiting, as of the last probe
+        self.view = ClusterView()  # as of the last probe
+        self._stop_probe = threading.Event()
 
     async def close(self) -> None:
+        self._stop_probe.set()
         await self.redis.aclose()
         await self.blocking.aclose()
         if self.cache is not self.redis:
@@ -105,52 +123,50 @@ class Broker:
             for callback in self.on_down:
                 callback(self.outage(reason))
 
-    async def probe_forever(self) -> None:
-        """Every PROBE_INTERVAL_S read the queue depths and the workers' heartbeats, which admission then uses
-        without a Redis call per request; on failure answer everything waiting with 503 (see on_down)."""
+    def start_probe(self) -> None:
+        """Probe Redis from a thread every PROBE_INTERVAL_S; its findings are applied on the running event loop."""
+        threading.Thread(target=self._probe_forever, args=(asyncio.get_running_loop(),), name="redis-probe",
+                         daemon=True).start()
+
+    def _probe_forever(self, loop: asyncio.AbstractEventLoop) -> None:
+        timeout = self.settings.redis_timeout_s
+        client = redis.Redis.from_url(self.settings.redis_url, decode_responses=True, socket_timeout=timeout,
+                                      socket_connect_timeout=timeout)
         while True:
             try:
-                depths = await asyncio.wait_for(self._read_depths(), self.settings.redis_timeout_s)
-                await asyncio.wait_for(self.workers(), self.settings.redis_timeout_s)
-                self.depths, self.down_reason = depths, None
-            except (aioredis.RedisError, asyncio.TimeoutError, OSError) as exc:
-                self.mark_down(str(exc) or "no answer within {:g} s".format(self.settings.redis_timeout_s))
-            await asyncio.sleep(PROBE_INTERVAL_S)
+                pipe = client.pipeline(transaction=False)
+                for queue in QUEUES:
+                    pipe.llen(queue)
+                *depths, now, beats = pipe.time().hgetall(WORKERS_KEY).execute()
+                workers, forgotten = live_heartbeats(beats, redis_now(now), FORGET_WORKER_AFTER_S)
+                if forgotten:
+                    client.hdel(WORKERS_KEY, *forgotten)
+                found, reason = ClusterView(dict(zip(QUEUES, depths)), workers), None
+            except (redis.RedisError, OSError) as exc:
+                found, reason = None, str(exc) or f"no answer within {timeout:g} s"
+            try:
+                loop.call_soon_threadsafe(self._probed, found, reason)
+            except RuntimeError:  # the event loop is closed: the gateway is stopping
+                break
+            if self._stop_probe.wait(PROBE_INTERVAL_S):
+                break
+        client.close()
 
-    async def _read_depths(self) -> dict[str, int]:
-        pipe = self.redis.pipeline()
-        for queue in QUEUES:
-            pipe.llen(queue)
-        return dict(zip(QUEUES, await pipe.execute()))
-
-    async def workers(self) -> list[dict]:
-        """Heartbeats of the workers that are up and have loaded their models.
-
-        The view admission reuses is stamped with the time its read began, and a read that began before the one
-        already kept is not kept: reads overlap (the probe's and /readyz's), and a slow one that saw a worker just
-        before its heartbeat expired must not replace a newer read that found it gone."""
-        began = time.monotonic()
-        keys = [key async for key in self.redis.scan_iter(match=WORKER_PREFIX + "*", count=100)]
-        values = await self.redis.mget(keys) if keys else []
-        found = [json.loads(value) for value in values if value]
-        if began >= self._workers[0]:
-            self._workers = (began, found)
-        return found
-
-    async def recent_workers(self) -> list[dict]:
-        """The heartbeats read within WORKERS_FRESH_S, or read now: admission does not scan Redis per request."""
-        read_at, found = self._workers
-        return found if time.monotonic() - read_at < WORKERS_FRESH_S else await self.workers()
+    def _probed(self, found: ClusterView | None, reason: str | None) -> None:
+        if reason is not None:
+            self.mark_down(reason)
+        else:
+            self.view, self.down_reason = found, None
 
     def worker_count(self) -> int:
-        """Workers up at the last read of their heartbeats (no Redis call)."""
-        return len(self._workers[1])
+        """Workers up at the last probe (no Redis call)."""
+        return len(self.view.workers)
 
     async def admit(self, queue: str, bound: int, model: str) -> None:
         """503 when Redis or every worker is down or a worker refuses `model` ("family/version"), 429 with
         Retry-After when the queue is deeper than `bound` (as of the last probe, at most PROBE_INTERVAL_S ago)."""
         self.ensure_up()
-        workers = await self.recent_workers()
+        workers = self.view.workers
         if not workers:
             raise ServiceError(503, "no worker is up to render images; start one (`make run` starts one) "
                                     "and retry", {"Retry-After": "5"})
@@ -159,7 +175,7 @@ class Broker:
             family = model.split("/")[0]
             raise ServiceError(503, f"model {model} is unavailable: {refused}; restore its files or ask for another "
                                     f"version (GET /models/{family} lists them)")
-        depth = self.depths.get(queue, 0)
+        depth = self.view.depths.get(queue, 0)
         if depth > bound:
             raise ServiceError(429, f"the {queue} queue holds {depth} tasks (bound {bound}); retry later",
                                {"Retry-After": str(max(1, math.ceil(depth / max(bound, 1))))})
@@ -179,38 +195,41 @@ class Broker:
                            "content-type": content_type, "headers": task.headers, "properties": properties})
 
     async def send(self, name: str, calls: list[tuple[str, dict]], expires: float | None = None) -> None:
-        """Queue (task_id, message) pairs of task `name` in one round trip; 503 when Redis refuses or stalls."""
+        """Queue (task_id, message) pairs of task `name` in one round trip; 503 naming the cause when Redis refuses
+        (out of memory, read-only replica) or stalls."""
         self.ensure_up()
         envelopes = [self.envelope(name, task_id, message, expires) for task_id, message in calls]
         try:
             await self.redis.lpush(TASK_QUEUES[name], *envelopes)
-        except (aioredis.ConnectionError, aioredis.TimeoutError) as exc:
+        except (aioredis.RedisError, OSError) as exc:
             raise ServiceError(503, f"cannot queue work on Redis at {redis_location(self.settings.redis_url)}: "
                                     f"{exc}; retry shortly", {"Retry-After": "2"}) from exc
 
     async def wait_batch(self, reply_to: str) -> BatchReply:
+        """The worker's reply to a batch: 504 when none comes in time, 503 when Redis fails, 502 when the reply is
+        not one this gateway can read (malformed, or from a worker of another release)."""
         timeout = self.settings.sync_timeout_s
         try:
             popped = await self.blocking.blpop([reply_key(reply_to)], timeout=timeout)
-        except (aioredis.ConnectionError, aioredis.TimeoutError) as exc:
+        except (aioredis.RedisError, OSError) as exc:
             raise self.outage(str(exc)) from exc
         if popped is None:
             raise ServiceError(504, f"no worker answered within {timeout:g} s; the service is overloaded or a "
                                     "worker is stuck: retry later, or ask for fewer images")
-        return BatchReply.from_dict(json.loads(popped[1]))
+        try:
+            return BatchReply.from_dict(json.loads(popped[1]))
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:  # MessageSchemaError is a ValueError
+            raise ServiceError(502, f"a worker sent a reply this gateway cannot read ({str(exc)[:200]}); run the "
+                                    "gateway and the workers from the same release") from exc
 
     async def cache_get(self, key: str) -> str | None:
-        """A cached payload's JSON text, or None; a failing cache is a miss, never an error. When the cache is the
-        broker Redis, a failure also marks Redis down until the probe hears it again, so the request that met it
-        is answered 503 at once instead of waiting on the next timeout."""
-        shared = self.cache is self.redis
-        if shared and self.down_reason is not None:
+        """A cached payload's JSON text, or None. A failing cache read is a miss for this request only: outages
+        are the probe's to detect, so one slow read never fails other requests."""
+        if self.cache is self.redis and self.down_reason is not None:
             return None
         try:
             return await self.cache.get(key)
-        except (aioredis.RedisError, OSError) as exc:
-            if shared and isinstance(exc, (aioredis.ConnectionError, aioredis.TimeoutError)):
-                self.mark_down(str(exc) or "no answer")
+        except (aioredis.RedisError, OSError):
             return None
 
     async def cache_set(self, key: str, payload: str) -> None:
@@ -225,10 +244,10 @@ class Broker:
         await asyncio.to_thread(self.celery.control.revoke, task_ids)
 
     async def snapshot(self, queues: tuple[str, ...]) -> dict:
-        """What /metrics reports from Redis: queue depths, ready workers, the stats hash."""
+        """What /metrics reports from Redis: queue depths, the stats hash, and the workers up at the last probe."""
         pipe = self.redis.pipeline()
         for queue in queues:
             pipe.llen(queue)
         pipe.hgetall(STATS_KEY)
         *depths, stats = await pipe.execute()
-        return {"queues": dict(zip(queues, depths)), "stats": stats, "workers": len(await self.workers())}
+        return {"queues": dict(zip(queues, depths)), "stats": stats, "workers": self.worker_count()}

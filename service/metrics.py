@@ -7,7 +7,7 @@ Redis (the stats hash and the queues) and are read when /metrics is scraped.
 """
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 disable_created_metrics()  # no `_created` series beside every counter and histogram
@@ -61,6 +61,11 @@ class GatewayMetrics:
                                      ["model", "version", "cache"], registry=self.registry)
         self.batch_requests = Histogram("skdcgn_render_batch_requests", "requests rendered together in one task",
                                         buckets=BATCH_BUCKETS, registry=self.registry)
+        # A request that never ends holds its slot: these return to 0 when the gateway is idle, or something leaks.
+        self.in_flight = Gauge("skdcgn_requests_in_flight", "requests this gateway is serving (admission counts them "
+                               "against SKDCGN_MAX_IN_FLIGHT)", registry=self.registry)
+        self.render_waiting = Gauge("skdcgn_render_requests_waiting", "render requests waiting for a worker's answer "
+                                    "(batching or rendered)", registry=self.registry)
         self.cluster = ClusterCollector()
         self.registry.register(self.cluster)
 

@@ -49,10 +49,12 @@ class GatewayMiddleware:
                 await self.refuse(observed_send)
                 return
             self.in_flight += 1
+            self.metrics.in_flight.set(self.in_flight)
             try:
                 await self.app(scope, receive, observed_send)
             finally:
                 self.in_flight -= 1
+                self.metrics.in_flight.set(self.in_flight)
         finally:
             route = scope.get("route")
             path = route.path if route else scope.get(ROUTE_KEY, "unmatched")

@@ -69,7 +69,8 @@ class RepeatedRenders:
         payload = await self.cached(request.cache_key())
         if payload is None:
             return False
-        self.memo.move_to_end(digest)
+        if digest in self.memo:  # it may have been dropped while the cache was read
+            self.memo.move_to_end(digest)
         scope[ROUTE_KEY] = "/counterfactual" if request.kind == "counterfactual" else "/generate/{mechanism}"
         response = await self.answer(request, payload)
         await response(scope, receive, send)

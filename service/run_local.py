@@ -1,5 +1,9 @@
 """`make run`: Redis (started only if none answers), Celery workers and the gateway on localhost, supervised.
 
+Unless SKDCGN_CACHE_URL names one, a cache Redis of its own is always started (on a free port, bounded by
+SKDCGN_CACHE_MAX_MEMORY, allkeys-lru), also when a broker Redis already answers: cache entries never take the
+broker's memory, and evicting them never touches queued tasks or job records.
+
 Prints the URL once a worker has loaded the default model. A worker that exits is restarted (with a backoff
 of 1 s doubling to 30 s while it keeps crashing); the gateway or Redis exiting stops everything. SIGINT
 (Ctrl-C), SIGTERM or SIGHUP, to this process or to its whole process group, stops every child within 10 s:
@@ -11,9 +15,11 @@ Usage: python -m service.run_local [--host 127.0.0.1] [--port 8000] [--workers 1
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -28,6 +34,7 @@ import redis
 from core.manifest import ManifestError, latest_version
 from core.messages import QUEUES
 from core.settings import Settings
+from service.redis_memory import memory_warnings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -51,13 +58,23 @@ def service_env(overrides: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def start_redis(port: int, log: IO) -> subprocess.Popen:
-    """A throw-away Redis on 127.0.0.1 (no persistence): broker, results and cache for local runs and tests."""
+def start_redis(port: int, log: IO, max_memory: str | None = None) -> subprocess.Popen:
+    """A throw-away Redis on 127.0.0.1 (no persistence): a broker that never evicts, or with `max_memory` a cache
+    bounded by it that evicts its least recently used keys."""
     if not shutil.which("redis-server"):
         raise StartupError("redis-server is not installed: `apt-get install redis-server`, or point "
                            "SKDCGN_REDIS_URL at a running Redis")
+    memory = ["--maxmemory", max_memory, "--maxmemory-policy", "allkeys-lru"] if max_memory else \
+        ["--maxmemory-policy", "noeviction"]
     return subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                             "--appendonly", "no", *memory], stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def start_worker(env: dict[str, str], log: IO, name: str = "worker1") -> subprocess.Popen:
@@ -206,20 +223,32 @@ class Supervisor:
                 self.start_worker(worker)
                 say(f"{worker.name} restarted (pid {worker.process.pid})")
 
+    def start_local_redis(self, name: str, port: int, max_memory: str | None = None) -> None:
+        """Start Redis `name` (redis or cache) on 127.0.0.1:`port` and wait until it answers."""
+        with open(self.logs / f"{name}.log", "ab") as log:
+            self.fatal[name] = start_redis(port, log, max_memory)
+        bound = f", maxmemory {max_memory}, allkeys-lru" if max_memory else ""
+        say(f"{name} started (pid {self.fatal[name].pid}, port {port}{bound})")
+        url, deadline = f"redis://127.0.0.1:{port}/0", time.monotonic() + 10
+        while not redis_answers(url):
+            self.check()
+            if time.monotonic() > deadline:
+                raise StartupError(f"timed out after 10 s waiting for {name}; see {self.logs}/{name}.log")
+            self.pause(0.1)
+
     def run(self) -> None:
         if not redis_answers(self.settings.redis_url):
             location = urlsplit(self.settings.redis_url)
             if location.hostname not in ("127.0.0.1", "localhost"):
                 raise StartupError(f"no Redis answers at {self.settings.redis_url}")
-            with open(self.logs / "redis.log", "ab") as log:
-                self.fatal["redis"] = start_redis(location.port or 6379, log)
-            say(f"redis started (pid {self.fatal['redis'].pid}, port {location.port or 6379})")
-            deadline = time.monotonic() + 10
-            while not redis_answers(self.settings.redis_url):
-                self.check()
-                if time.monotonic() > deadline:
-                    raise StartupError(f"timed out after 10 s waiting for Redis; see {self.logs}/redis.log")
-                self.pause(0.1)
+            self.start_local_redis("redis", location.port or 6379)
+        if "SKDCGN_CACHE_URL" not in self.env:
+            port = free_port()
+            self.start_local_redis("cache", port, self.settings.cache_max_memory)
+            self.env["SKDCGN_CACHE_URL"] = f"redis://127.0.0.1:{port}/0"
+            self.settings = dataclasses.replace(self.settings, cache_url=self.env["SKDCGN_CACHE_URL"])
+        for warning in memory_warnings(self.settings):
+            say(f"warning: {warning}")
         for worker in self.workers:
             self.start_worker(worker)
             say(f"{worker.name} started (pid {worker.process.pid})")

@@ -7,23 +7,16 @@ anything shared.
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 from pathlib import Path
 
 import redis
 
 from service.run_local import (
-    http_status, redis_answers, service_env, start_gateway, start_redis, start_worker, stop, wait_until,
+    free_port, http_status, redis_answers, service_env, start_gateway, start_redis, start_worker, stop, wait_until,
 )
 
 STARTUP_TIMEOUT_S = 60
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class ServiceStack:

@@ -132,49 +132,19 @@ def test_promoted_version_is_served_without_restart(client, stack, models_dir):
     assert counterfactual(client, **request).json()["version"] == old
 
 
-def test_an_older_heartbeat_read_never_replaces_a_newer_one():
-    """Reads of the workers' heartbeats overlap (the probe's, /readyz's, admission's): one that began before a
-    worker's heartbeat expired and ends after a newer read found it gone must not bring the worker back, or
-    admission queues requests for nobody (504 instead of a fast 503)."""
-    import asyncio
+def test_heartbeats_are_judged_on_their_own_expiry():
+    """Workers live in one hash, judged on the Redis clock: an expired beat is not a worker (its refusals go with
+    it), and only one expired long ago, or unreadable, is dropped (a worker that was merely late keeps its field)."""
+    import json
 
-    from core.messages import WORKER_PREFIX
-    from core.settings import Settings
-    from service.broker import Broker
+    from core.messages import live_heartbeats
 
-    class Heartbeats:
-        """Redis's two calls, where each scan can be held until the test lets it finish."""
-
-        def __init__(self):
-            self.alive, self.gates = True, []
-
-        async def scan_iter(self, match, count):
-            gate = asyncio.Event()
-            self.gates.append(gate)
-            seen = self.alive  # what Redis held when the scan ran
-            await gate.wait()
-            if seen:
-                yield WORKER_PREFIX + "w1"
-
-        async def mget(self, keys):
-            return ['{"name": "w1", "loaded": []}' for _ in keys]
-
-    async def scenario():
-        broker = Broker(Settings.from_env())
-        await broker.close()
-        broker.redis = heartbeats = Heartbeats()
-        slow = asyncio.create_task(broker.workers())  # begins while the worker is alive
-        await asyncio.sleep(0)
-        heartbeats.alive = False  # the heartbeat expires
-        fresh = asyncio.create_task(broker.workers())
-        await asyncio.sleep(0)
-        heartbeats.gates[1].set()
-        assert await fresh == []
-        heartbeats.gates[0].set()
-        assert [w["name"] for w in await slow] == ["w1"]  # the caller still gets what it read
-        assert await broker.recent_workers() == [] and broker.worker_count() == 0
-
-    asyncio.run(scenario())
+    beats = {name: json.dumps({"name": name, "expires_at": expires}) for name, expires in
+             (("b@h:2", 110.0), ("a@h:1", 101.0), ("late@h:3", 95.0), ("dead@h:4", 30.0))}
+    beats["garbled@h:5"] = "{not json"
+    live, forgotten = live_heartbeats(beats, now=100.0, forget_after=60.0)
+    assert [beat["name"] for beat in live] == ["a@h:1", "b@h:2"]
+    assert sorted(forgotten) == ["dead@h:4", "garbled@h:5"]
 
 
 def test_pooled_connections_survive_a_redis_restart(tmp_path):
@@ -183,6 +153,7 @@ def test_pooled_connections_survive_a_redis_restart(tmp_path):
     import asyncio
     import dataclasses
 
+    from core.messages import WORKERS_KEY
     from core.settings import Settings
     from service.broker import Broker
 
@@ -197,7 +168,7 @@ def test_pooled_connections_survive_a_redis_restart(tmp_path):
             stack.stop_redis()
             stack.start_redis()
             for _ in range(8):
-                assert await broker.workers() == []
+                assert await broker.redis.hgetall(WORKERS_KEY) == {}
             broker.ensure_up()
         finally:
             await broker.close()

@@ -2,15 +2,18 @@
 
 The watcher checks every version's files against its manifest (hashing only files that changed) and loads
 (and warms up) every family's LATEST version at start and whenever LATEST changes, so a promoted or rolled-back
-version is served without a restart. The heartbeat is a Redis key with a TTL naming the provider, the loaded
-versions and the refused ones (files failing their sha256 check), which the gateway reports as unavailable; it
-appears only after the first pass finished, which is what "ready" means to the gateway, and it disappears by
-itself when the worker dies, taking the worker's refusals with it.
+version is served without a restart. The heartbeat is this worker's field in one Redis hash (core.messages
+WORKERS_KEY) naming the provider, the loaded versions and the refused ones (files failing their sha256 check), which
+the gateway reports as unavailable, and when it expires on the Redis server's clock. It appears only after the
+first pass finished, which is what "ready" means to the gateway; readers ignore it once expired (a dead worker
+vanishes with its refusals) and the gateway's probe drops it. One hash, not a key per worker: finding the workers
+costs one HGETALL, whatever else Redis holds.
 """
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import threading
 import time
@@ -18,7 +21,7 @@ import time
 import redis
 
 from core.jobs import now_iso
-from core.messages import WORKER_PREFIX
+from core.messages import WORKERS_KEY, redis_now
 from core.settings import Settings
 from workers.engine import LoadedModels, ModelRefused
 
@@ -29,11 +32,11 @@ WATCH_INTERVAL_S = 1.0
 class WorkerPresence:
     def __init__(self, models: LoadedModels, settings: Settings, name: str):
         self.models, self.settings, self.name = models, settings, name
-        self.key = f"{WORKER_PREFIX}{name}"
         self.ready = threading.Event()
         self._beat_now = threading.Event()  # set when the refusals change, so the gateway hears at once
         self._announced_refusals: dict[str, str] = {}
         self._served: dict[str, str] = {}  # family -> the LATEST version last loaded (or tried)
+        self._withdrawn = threading.Event()
 
     def start(self) -> None:
         threading.Thread(target=self._watch, name="model-watcher", daemon=True).start()
@@ -63,15 +66,31 @@ class WorkerPresence:
             self.ready.set()
             time.sleep(WATCH_INTERVAL_S)
 
+    def client(self) -> redis.Redis:
+        return redis.Redis.from_url(self.settings.redis_url, socket_timeout=5, socket_connect_timeout=2)
+
+    def withdraw(self) -> None:
+        """Stop announcing this worker and remove its heartbeat (best effort: it expires anyway)."""
+        self._withdrawn.set()
+        self._beat_now.set()
+        try:
+            self.client().hdel(WORKERS_KEY, self.name)
+        except redis.RedisError as exc:
+            logger.warning("could not withdraw the heartbeat (%s); it expires by itself", exc)
+
     def _heartbeat(self) -> None:
         self.ready.wait()
-        client = redis.Redis.from_url(self.settings.redis_url, socket_timeout=5, socket_connect_timeout=2)
+        client = self.client()
         period = self.settings.heartbeat_ttl_s / 3
-        while True:
+        while not self._withdrawn.is_set():
             beat = {"name": self.name, "pid": os.getpid(), "provider": self.models.provider_in_use(),
                     "loaded": self.models.loaded(), "refused": self.models.refused(), "updated": now_iso()}
             try:
-                client.set(self.key, json.dumps(beat), px=int(self.settings.heartbeat_ttl_s * 1000))
+                ttl = self.settings.heartbeat_ttl_s
+                beat["expires_at"] = redis_now(client.time()) + ttl
+                # The hash itself outlives its last worker by a little, so a cluster that stopped leaves nothing.
+                client.pipeline().hset(WORKERS_KEY, self.name, json.dumps(beat)).expire(
+                    WORKERS_KEY, math.ceil(2 * ttl)).execute()
                 self._announced_refusals = beat["refused"]
             except redis.RedisError as exc:
                 logger.warning("heartbeat to Redis failed (%s); retrying", exc)

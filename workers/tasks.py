@@ -40,10 +40,22 @@ def broker_client() -> redis.Redis:
     return _clients[pid]
 
 
+presences: list[WorkerPresence] = []  # this process's announcement, withdrawn when the worker stops
+
+
 @signals.worker_process_init.connect
 def start_presence(sender=None, **_) -> None:
-    WorkerPresence(models, settings, name=f"{sender}:{os.getpid()}").start()
+    presence = WorkerPresence(models, settings, name=f"{sender}:{os.getpid()}")
+    presence.start()
+    presences.append(presence)
     metrics.serve(settings.worker_metrics_port)
+
+
+@signals.worker_shutdown.connect
+def withdraw_presence(**_) -> None:
+    """A worker stopping cleanly leaves the gateway's view at once, not when its heartbeat expires."""
+    for presence in presences:
+        presence.withdraw()
 
 
 def queued_for(sent_at: float, kind: str) -> None:
