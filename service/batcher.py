@@ -36,12 +36,14 @@ class RenderBatcher:
         self.last_arrival = 0.0
         self.timer: asyncio.TimerHandle | None = None
         self.in_flight: dict[asyncio.Task, list[Waiting]] = {}
-        # The reply's own wait (BLPOP) plus publishing it and the batching window: past this, no answer is coming.
-        self.deadline_s = settings.sync_timeout_s + settings.redis_timeout_s + self.window_s + 1.0
+        # From the request's arrival: a batch waiting for a free worker does not extend its callers' wait.
+        self.deadline_s = settings.sync_timeout_s + 0.5
 
     def waiting(self) -> int:
-        """Requests waiting for an answer: pending in the next batch or in a batch being rendered."""
-        return len(self.pending) + sum(len(items) for items in self.in_flight.values())
+        """Callers still waiting for an answer, pending in the next batch or in a batch being rendered (one whose
+        deadline passed was answered 504 and is not counted)."""
+        batches = [self.pending, *self.in_flight.values()]
+        return sum(not future.done() for items in batches for _, future in items)
 
     async def render(self, request: RenderRequest) -> RenderReply:
         """The worker's answer to `request`, rendered in a batch with whatever else arrived meanwhile."""

@@ -244,8 +244,9 @@ class Broker:
         await asyncio.to_thread(self.celery.control.revoke, task_ids)
 
     async def snapshot(self, queues: tuple[str, ...]) -> dict:
-        """What /metrics reports from Redis: queue depths, the stats hash, and the workers up at the last probe."""
-        pipe = self.redis.pipeline()
+        """What /metrics reports from Redis: queue depths, the stats hash, and the workers up at the last probe.
+        Reads only, without MULTI, so a Redis that refuses writes (out of memory, read-only) still reports."""
+        pipe = self.redis.pipeline(transaction=False)
         for queue in queues:
             pipe.llen(queue)
         pipe.hgetall(STATS_KEY)

@@ -5,7 +5,8 @@ its request id, admission, and its HTTP metrics.
   the response, set for every log line written while the request is served, and passed to the workers.
 - Admission counts the requests this gateway process is serving; beyond `max_in_flight` a request is answered
   429 with Retry-After before any work, so overload never exhausts Redis connections, memory or the event loop.
-  Liveness, readiness and metrics are always answered, so an overloaded gateway still reports on itself.
+  Liveness, readiness and metrics are always answered and not counted, so an overloaded gateway still reports on
+  itself and its in-flight gauge reads 0 when it is idle.
 """
 from __future__ import annotations
 
@@ -43,9 +44,11 @@ class GatewayMiddleware:
                                       (REQUEST_ID_HEADER.lower().encode(), current.encode())]
             await send(message)
 
-        admitted = scope["path"] in ALWAYS_ADMITTED or self.in_flight < self.max_in_flight
         try:
-            if not admitted:
+            if scope["path"] in ALWAYS_ADMITTED:  # answered whatever the load, and not counted against it
+                await self.app(scope, receive, observed_send)
+                return
+            if self.in_flight >= self.max_in_flight:
                 await self.refuse(observed_send)
                 return
             self.in_flight += 1
