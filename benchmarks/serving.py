@@ -6,30 +6,45 @@ driven by benchmarks/wrk/counterfactual.lua, whose `done` hook prints latency pe
 point lasting --duration seconds:
 
 * miss: POST /counterfactual, n = 1, a fresh seed per request (so every request is rendered by a worker);
-* hit: the same body every request (requested once beforehand, so every answer comes from the batch cache);
-* minimal: the same requests against benchmarks/minimal_endpoint.py (FastAPI + one Redis GET of a stored
-  cache-hit answer), started here under uvicorn on a free port, against the service's cache Redis.
+* hit: the same body every request (requested once beforehand, so every answer comes from the batch cache; the
+  gateway's repeats memo answers a repeated body before FastAPI, so this is the best case);
+* minimal: the same requests against benchmarks/minimal_endpoint.py (FastAPI + a sha256 of the body + one Redis
+  GET of the stored cache-hit answer for that body), started here under uvicorn on a free port, against the
+  service's cache Redis;
+* hit_distinct: each request one of --distinct (default 10,000) distinct bodies, a seed drawn at random per
+  request; every one of them was requested once beforehand through the service (concurrent n = 1 requests, so
+  the cache entries are the service's own), so every answer is a cache hit over that many cached requests;
+* minimal_distinct: the same distinct bodies against the minimal endpoint, which holds each body's real answer
+  under the hash of that body.
+
+Past admission, once per run: misses at --overload-concurrency (512) against a second gateway process over the
+same Redis and workers, started here with SKDCGN_MAX_IN_FLIGHT lowered to --overload-max-in-flight (64; 0 sends
+the point to the service itself): the target is 429 with Retry-After and never a 5xx, and it is not met unless
+429s were observed.
 
 Also measured in the same run: the raw engine (the same students' fused graph through
 core.runtime.ModelRuntime.run_fused at batch 256, with the worker's onnxruntime thread count, with and
 without noise drawing, composition and uint8), and one bulk POST /jobs timed from submission to `succeeded`.
-Every figure is printed beside its target. Outputs: benchmarks/results/serving_<model>.json, a section of
-docs/RESULTS.md and docs/serving_concurrency.png, all from the same result. Only loopback URLs are accepted.
+Every figure is printed beside its target; the result names the family and version it measured (and the
+repository's LATEST then). Outputs: benchmarks/results/serving_<model>.json, a section of docs/RESULTS.md and
+docs/serving_concurrency.png, all from the same result. Only loopback URLs are accepted. The keys stored for the
+minimal endpoint are deleted at the end.
 
     python -m benchmarks.serving --start                              # Redis + worker + gateway, started here
     python -m benchmarks.serving --url http://127.0.0.1:8000          # a service already running (its Redis:
                                                                       #   --redis-url, default SKDCGN_REDIS_URL)
-    python -m benchmarks.serving --start --duration 2 --concurrency 1,8   # a quick check of the harness
+    python -m benchmarks.serving --start --duration 2 --concurrency 1,32 --distinct 500 \
+        --results-dir /tmp/bench --results-md /tmp/bench/RESULTS.md  # a quick check of the harness
 """
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -41,13 +56,15 @@ import httpx
 import numpy as np
 import redis
 
-from benchmarks.minimal_endpoint import KEY as MINIMAL_KEY
+from benchmarks.minimal_endpoint import body_key
 from core.compose import compose_samples
 from core.imageio import to_uint8
+from core.manifest import ManifestError, latest_version
 from core.messages import INTERACTIVE_QUEUE
 from core.noise import MECHANISMS, draw_sample_noise
 from core.runtime import ModelRuntime
 from core.settings import Settings
+from service.run_local import free_port
 from training.evaluation import report
 from training.plots import save_figure
 
@@ -55,16 +72,21 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 WRK_SCRIPT = Path(__file__).resolve().parent / "wrk" / "counterfactual.lua"
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 CONCURRENCY = (1, 8, 32, 128)
-KINDS = ("miss", "hit", "minimal")
+KINDS = ("miss", "hit", "minimal", "hit_distinct", "minimal_distinct")
+DISTINCT = 10_000  # distinct cached bodies of the hit_distinct and minimal_distinct points
+WARM_CONCURRENCY = 32  # concurrent n = 1 requests that put the distinct bodies in the cache beforehand
+MINIMAL_TTL_S = 3600  # the minimal endpoint's keys expire even if a run dies before deleting them
+JSON_HEADERS = {"Content-Type": "application/json"}
 FINAL_STATES = {"succeeded", "failed", "cancelled"}
 PERCENTILES = {"p50_ms": "50", "p90_ms": "90", "p99_ms": "99", "p999_ms": "99.9"}
 PLOT_NAME = "serving_concurrency.png"
 
 # Targets (the issue's): each is reported with its measured value and met / not met / not measured.
 TARGET_CONCURRENCY = 32
-OVERLOAD_CONCURRENCY = 128
+OVERLOAD_CONCURRENCY = 512  # wrk connections of the point past admission
+OVERLOAD_MAX_IN_FLIGHT = 64  # SKDCGN_MAX_IN_FLIGHT of the gateway that point runs against
 MISS_TARGET, MISS_AIM = 0.40, 0.50  # n = 1 misses/s over the raw engine's images/s (noise + composition)
-HIT_TARGET = 0.50  # cache hits/s over the minimal endpoint's answers/s
+HIT_TARGET = 0.50  # cache hits/s over the minimal endpoint's answers/s (one body, and over the distinct bodies)
 BULK_TARGET = 0.70  # bulk-job images/s over the raw engine (noise + composition)
 CACHE_HIT_P50_TARGET_MS = 5.0  # at concurrency 1
 
@@ -126,13 +148,16 @@ def summarise(raw: dict, concurrency: int) -> dict:
 
 
 def run_wrk(url: str, mode: str, model: str, seed: int, concurrency: int, duration_s: float, threads: int = 1,
-            timeout_s: float = 30.0) -> dict:
-    """wrk with the counterfactual script against url/counterfactual: `mode` "miss" (fresh seeds from `seed` on)
-    or "hit" (the body of `seed`, every request)."""
+            timeout_s: float = 30.0, count: int | None = None) -> dict:
+    """wrk with the counterfactual script against url/counterfactual: `mode` "miss" (fresh seeds from `seed` on),
+    "hit" (the body of `seed`, every request) or "distinct" (one of the `count` bodies of seeds `seed` ..
+    `seed + count - 1`, drawn at random per request)."""
     check_loopback(url)
+    if mode == "distinct" and not count:
+        raise BenchmarkError("wrk's distinct mode needs the number of distinct bodies (count)")
     command = [wrk_path(), f"-t{max(1, min(threads, concurrency))}", f"-c{concurrency}", f"-d{duration_s:g}s",
                "--timeout", f"{timeout_s:g}s", "-s", str(WRK_SCRIPT), f"{url.rstrip('/')}/counterfactual",
-               "--", mode, model, str(seed)]
+               "--", mode, model, str(seed)] + ([str(count)] if mode == "distinct" else [])
     try:
         run = subprocess.run(command, capture_output=True, text=True, timeout=duration_s + timeout_s + 60)
     except subprocess.TimeoutExpired as exc:
@@ -146,6 +171,12 @@ def hit_body(model: str, seed: int) -> dict:
     """The body the Lua script sends for `seed` (labels cycle with the seed)."""
     return {"model": model, "shape": seed % 10, "texture": (seed // 10) % 10, "background": (seed // 100) % 10,
             "n": 1, "seed": seed}
+
+
+def request_body(model: str, seed: int) -> bytes:
+    """The exact bytes the Lua script's `body_for` sends for `seed`: the minimal endpoint keys its answers by them."""
+    body = hit_body(model, seed)
+    return json.dumps(body, separators=(",", ":")).encode()
 
 
 def raw_engine(models_dir: str, family: str, threads: int, batch: int = 256, min_seconds: float = 3.0) -> dict:
@@ -239,23 +270,173 @@ def run_job(client: httpx.Client, model: str, n: int, seed: int, timeout_s: floa
             "images_per_second": n / elapsed if state == "succeeded" else None}
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+def warm(url: str, bodies: list[bytes], concurrency: int = WARM_CONCURRENCY, timeout_s: float = 600.0,
+         request_timeout_s: float = 60.0) -> tuple[list[bytes], dict]:
+    """POST each of `bodies` to url/counterfactual once, `concurrency` connections at a time, until each is answered
+    200 (a 429 or 503 is retried after its Retry-After, at most 1 s), so that the service itself puts every answer
+    in its cache. Returns the answers, each as a cache hit would be answered (`"cached":true`), and what it took.
+    A lean HTTP/1.1 keep-alive client on asyncio streams: httpx's own overhead would make the client, not the
+    service, set the pace."""
+    check_loopback(url)
+    return asyncio.run(_warm(url, bodies, concurrency, timeout_s, request_timeout_s))
 
 
-def start_service(models_dir: str, logs: Path, threads: int) -> tuple[subprocess.Popen, str, str]:
-    """`python -m service.run_local` on free ports with its own Redis (broker and cache); stop it with
-    stop_process. Returns the process, the gateway URL and the Redis URL."""
-    port, redis_port = free_port(), free_port()
-    redis_url = f"redis://127.0.0.1:{redis_port}/0"
+class HttpConnection:
+    """One keep-alive HTTP/1.1 connection: POST a JSON body, read status, headers and body (Content-Length or
+    chunked). Enough for loopback warm-up requests, nothing more."""
+
+    def __init__(self, host: str, port: int):
+        self.host, self.port = host, port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            try:
+                await self.writer.wait_closed()
+            except OSError:
+                pass
+        self.reader = self.writer = None
+
+    async def post(self, path: str, body: bytes) -> tuple[int, dict[str, str], bytes]:
+        for attempt in (0, 1):  # a kept-alive connection the server closed meanwhile is reopened once
+            fresh = self.writer is None
+            if fresh:
+                self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+            try:
+                self.writer.write(f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+                                  f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+                                  + body)
+                await self.writer.drain()
+                return await self.read_response()
+            except (ConnectionError, asyncio.IncompleteReadError):
+                await self.close()
+                if fresh or attempt:
+                    raise
+        raise AssertionError("unreachable")
+
+    async def read_response(self) -> tuple[int, dict[str, str], bytes]:
+        head = (await self.reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+        status = int(head[0].split(" ", 2)[1])
+        headers = {}
+        for line in head[1:]:
+            if ":" in line:
+                name, value = line.split(":", 1)
+                headers[name.strip().lower()] = value.strip()
+        if "content-length" in headers:
+            body = await self.reader.readexactly(int(headers["content-length"]))
+        elif headers.get("transfer-encoding", "").lower() == "chunked":
+            parts = []
+            while size := int((await self.reader.readuntil(b"\r\n")).split(b";")[0], 16):
+                parts.append(await self.reader.readexactly(size))
+                await self.reader.readexactly(2)
+            await self.reader.readuntil(b"\r\n")  # the last chunk's line ends the (trailer-less) body
+            body = b"".join(parts)
+        else:
+            body = await self.reader.read()
+            await self.close()
+        if headers.get("connection", "").lower() == "close":
+            await self.close()
+        return status, headers, body
+
+
+async def _warm(url: str, bodies: list[bytes], concurrency: int, timeout_s: float,
+                request_timeout_s: float) -> tuple[list[bytes], dict]:
+    answers: list[bytes | None] = [None] * len(bodies)
+    statuses: dict[str, int] = {}
+    x_cache: dict[str, int] = {}
+    pending = iter(range(len(bodies)))  # shared by the senders; asyncio never switches inside next()
+    deadline = time.monotonic() + timeout_s
+    location = urlsplit(url)
+    path = (location.path.rstrip("/") or "") + "/counterfactual"
+
+    async def sender() -> None:
+        connection = HttpConnection(location.hostname, location.port or 80)
+        try:
+            for index in pending:
+                while True:
+                    if time.monotonic() > deadline:
+                        raise BenchmarkError(f"warming {len(bodies):,} distinct bodies took more than {timeout_s:g} s")
+                    try:
+                        status, headers, answer = await asyncio.wait_for(connection.post(path, bodies[index]),
+                                                                         request_timeout_s)
+                    except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, ValueError) as exc:
+                        raise BenchmarkError(f"warming: POST {url}/counterfactual failed: {exc!r}") from exc
+                    statuses[str(status)] = statuses.get(str(status), 0) + 1
+                    if status == 200:
+                        cache = headers.get("x-cache", "none")
+                        x_cache[cache] = x_cache.get(cache, 0) + 1
+                        answers[index] = as_cache_hit(answer)
+                        break
+                    if status not in (429, 503):
+                        raise BenchmarkError(f"warming: POST /counterfactual answered {status}: {answer[:300]!r}")
+                    try:
+                        wait = float(headers.get("retry-after", "0.2"))
+                    except ValueError:
+                        wait = 0.2
+                    await asyncio.sleep(min(max(wait, 0.05), 1.0))
+        finally:
+            await connection.close()
+
+    started = time.perf_counter()
+    await asyncio.gather(*(sender() for _ in range(max(1, min(concurrency, len(bodies))))))
+    seconds = time.perf_counter() - started
+    return answers, {"bodies": len(bodies), "concurrency": concurrency, "seconds": seconds,
+                     "answers_per_second": len(bodies) / seconds if seconds else None,
+                     "statuses": dict(sorted(statuses.items())), "x_cache": dict(sorted(x_cache.items()))}
+
+
+def as_cache_hit(answer: bytes) -> bytes:
+    """A JSON answer as the gateway answers it from the cache: it ends `,"cached":false}` on a miss."""
+    miss_tail = b',"cached":false}'
+    return answer[:-len(miss_tail)] + b',"cached":true}' if answer.endswith(miss_tail) else answer
+
+
+def store_minimal(cache_url: str, bodies: list[bytes], answers: list[bytes], ttl_s: int = MINIMAL_TTL_S) -> list[str]:
+    """Store each answer under the minimal endpoint's key for its body; check they are all there. Returns the keys
+    (remove_minimal deletes them)."""
+    keys = [body_key(body) for body in bodies]
+    store = redis.Redis.from_url(cache_url, socket_connect_timeout=2, socket_timeout=10)
+    try:
+        for start in range(0, len(keys), 1000):
+            with store.pipeline(transaction=False) as pipe:
+                for key, answer in zip(keys[start:start + 1000], answers[start:start + 1000]):
+                    pipe.set(key, answer, ex=ttl_s)
+                pipe.execute()
+        held = sum(store.exists(*keys[start:start + 1000]) for start in range(0, len(keys), 1000))
+    finally:
+        store.close()
+    if held != len(set(keys)):
+        raise BenchmarkError(f"the cache Redis {cache_url} kept {held:,} of the minimal endpoint's {len(keys):,} "
+                             "answers (evicted? its maxmemory is too small for this run)")
+    return keys
+
+
+def remove_minimal(cache_url: str, keys: list[str]) -> None:
+    store = redis.Redis.from_url(cache_url, socket_connect_timeout=2, socket_timeout=10)
+    try:
+        for start in range(0, len(keys), 1000):
+            store.delete(*keys[start:start + 1000])
+    finally:
+        store.close()
+
+
+def start_service(models_dir: str, logs: Path, threads: int,
+                  extra_env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str, str, str]:
+    """`python -m service.run_local` on free ports, laid out as `make run` lays it out: a broker Redis and a cache
+    Redis of its own (bounded by SKDCGN_CACHE_MAX_MEMORY, allkeys-lru), both started by run_local; stop it with
+    stop_process. `extra_env` adds or overrides SKDCGN_* settings. Returns the process, the gateway URL, the broker
+    Redis URL and the cache Redis URL."""
+    port = free_port()
+    redis_url, cache_url = (f"redis://127.0.0.1:{free_port()}/0" for _ in range(2))
     env = dict(os.environ, SKDCGN_MODELS_DIR=str(Path(models_dir).resolve()), SKDCGN_ORT_THREADS=str(threads),
-               SKDCGN_REDIS_URL=redis_url, SKDCGN_CACHE_URL=redis_url, SKDCGN_JOBS_DIR=str(logs / "data" / "jobs"))
+               SKDCGN_REDIS_URL=redis_url, SKDCGN_CACHE_URL=cache_url, SKDCGN_JOBS_DIR=str(logs / "data" / "jobs"),
+               **(extra_env or {}))
     process = subprocess.Popen([sys.executable, "-m", "service.run_local", "--port", str(port), "--logs", str(logs)],
                                cwd=REPO_ROOT, env=env, stdout=open(logs / "run_local.log", "ab"),
                                stderr=subprocess.STDOUT)
-    return process, f"http://127.0.0.1:{port}", redis_url
+    return process, f"http://127.0.0.1:{port}", redis_url, cache_url
 
 
 def start_minimal(cache_url: str, logs: Path) -> tuple[subprocess.Popen, str]:
@@ -265,6 +446,27 @@ def start_minimal(cache_url: str, logs: Path) -> tuple[subprocess.Popen, str]:
     process = subprocess.Popen([sys.executable, "-m", "benchmarks.minimal_endpoint", "--port", str(port),
                                 "--redis-url", cache_url], cwd=REPO_ROOT, env=env,
                                stdout=open(logs / "minimal_endpoint.log", "ab"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, 60, process)
+    except BenchmarkError:
+        stop_process(process)
+        raise
+    return process, url
+
+
+def start_gateway(models_dir: str, redis_url: str, cache_url: str, logs: Path,
+                  settings: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+    """One more gateway process (`python -m service`) on a free port over the same Redis, cache and workers, with
+    SKDCGN_* `settings` (e.g. {"MAX_IN_FLIGHT": "64"}) on top of this environment; healthy when it returns."""
+    port = free_port()
+    env = dict(os.environ, SKDCGN_MODELS_DIR=str(Path(models_dir).resolve()), SKDCGN_REDIS_URL=redis_url,
+               SKDCGN_CACHE_URL=cache_url,
+               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
+               **{f"SKDCGN_{name}": str(value) for name, value in (settings or {}).items()})
+    process = subprocess.Popen([sys.executable, "-m", "service", "--port", str(port)],
+                               cwd=REPO_ROOT, env=env, stdout=open(logs / f"gateway-{port}.log", "ab"),
+                               stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url, 60, process)
@@ -292,32 +494,57 @@ def host_info() -> dict:
 def benchmark(url: str, redis_url: str, cache_url: str, model: str, models_dir: str, logs: Path,
               concurrencies=CONCURRENCY, duration_s: float = 10.0, wrk_threads: int = 1, ort_threads: int = 1,
               wrk_timeout_s: float = 30.0, raw_seconds: float = 3.0, job_n: int = 2000, job_timeout_s: float = 300.0,
-              drain_timeout_s: float = 40.0, ready_timeout_s: float = 180.0) -> dict:
-    """The raw engine, then misses, hits and the minimal endpoint at each concurrency, then one bulk job."""
+              drain_timeout_s: float = 40.0, ready_timeout_s: float = 180.0, distinct: int = DISTINCT,
+              warm_concurrency: int = WARM_CONCURRENCY, overload_concurrency: int = OVERLOAD_CONCURRENCY,
+              overload_max_in_flight: int = OVERLOAD_MAX_IN_FLIGHT, gateway_settings: dict[str, str] | None = None
+              ) -> dict:
+    """The raw engine; the one hit body and the `distinct` bodies put in the cache through the service (and their
+    answers stored for the minimal endpoint); misses, hits, the minimal endpoint, hits over the distinct bodies and
+    the minimal endpoint over them at each concurrency; misses past admission (against a gateway started here with
+    SKDCGN_MAX_IN_FLIGHT=`overload_max_in_flight` and `gateway_settings`, or the service itself when that is 0);
+    then one bulk job."""
     for location in (url, redis_url, cache_url):
         check_loopback(location)
+    if distinct < 1:
+        raise BenchmarkError(f"--distinct must be at least 1, not {distinct}")
     version = wrk_version()
-    minimal = None
+    minimal = overloaded = None
+    minimal_keys: list[str] = []
     run_seed = secrets.randbits(40)  # fresh seeds per run, so "misses" miss whatever the cache holds
+    hit_seed = run_seed + (1 << 50)  # far from every miss seed (run_seed + level·2^44 + thread·2^32 + i)
+    distinct_seed = run_seed + (1 << 51)  # and from the hit seed; all below 2^53, exact in Lua's doubles
+    overload_seed = run_seed + 1000 * (1 << 40)  # past every level's miss seeds, below the hit seed
+    try:
+        latest = latest_version(models_dir, model)
+    except ManifestError:
+        latest = None
     with httpx.Client(base_url=url, timeout=60.0) as client:
         wait_ready(client, ready_timeout_s)
-        result: dict = {"url": url, "model": model, "duration_s": duration_s, "concurrency": list(concurrencies),
+        result: dict = {"url": url, "model": model, "family": model, "latest_version": latest,
+                        "duration_s": duration_s, "concurrency": list(concurrencies),
                         "wrk": {"version": version, "threads": wrk_threads, "timeout_s": wrk_timeout_s,
                                 "script": str(WRK_SCRIPT.relative_to(REPO_ROOT))},
                         "onnxruntime_threads": ort_threads, "host_at_start": host_info(), "levels": []}
         result["raw_engine"] = raw_engine(models_dir, model, ort_threads, min_seconds=raw_seconds)
-        hit_seed = run_seed + (1 << 50)  # far from every miss seed (run_seed + level·2^44 + thread·2^32 + i)
-        primed = client.post("/counterfactual", json=hit_body(model, hit_seed))
+        one_body = request_body(model, hit_seed)
+        primed = client.post("/counterfactual", content=one_body, headers=JSON_HEADERS)
         if primed.status_code != 200:
             raise BenchmarkError(f"POST /counterfactual answered {primed.status_code}: {primed.text[:300]}")
-        result["version"] = primed.json().get("version")
+        answer = primed.json()
+        result["version"], result["manifest_sha256"] = answer.get("version"), answer.get("manifest_sha256")
         result["hit_answer_bytes"] = len(primed.content)
-        store = redis.Redis.from_url(cache_url, socket_connect_timeout=2, socket_timeout=5)
+        if latest is not None and result["version"] != latest:
+            print(f"warning: the service answered with {model}/{result['version']}, but {models_dir} says LATEST is "
+                  f"{latest}", file=sys.stderr, flush=True)
         try:
-            store.set(MINIMAL_KEY, primed.content, ex=24 * 3600)
-        finally:
-            store.close()
-        try:
+            bodies = [request_body(model, distinct_seed + i) for i in range(distinct)]
+            answers, result["warm"] = warm(url, bodies, warm_concurrency)
+            print(f"warmed {distinct:,} distinct bodies in {result['warm']['seconds']:.1f} s "
+                  f"({result['warm']['answers_per_second']:,.0f}/s, statuses {result['warm']['statuses']})", flush=True)
+            minimal_keys = store_minimal(cache_url, [one_body, *bodies], [as_cache_hit(primed.content), *answers])
+            result["distinct"] = {"bodies": distinct, "first_seed": distinct_seed,
+                                  "draw": "a seed drawn uniformly at random per request"}
+            drain(redis_url, drain_timeout_s)  # and the gateway's cache writes of the last warm answers
             minimal, result["minimal_url"] = start_minimal(cache_url, logs)
             for level, concurrency in enumerate(concurrencies):
                 point = {"concurrency": concurrency}
@@ -328,13 +555,42 @@ def benchmark(url: str, redis_url: str, cache_url: str, model: str, models_dir: 
                                        wrk_timeout_s)
                 point["minimal"] = run_wrk(result["minimal_url"], "hit", model, hit_seed, concurrency, duration_s,
                                            wrk_threads, wrk_timeout_s)
+                point["hit_distinct"] = run_wrk(url, "distinct", model, distinct_seed, concurrency, duration_s,
+                                                wrk_threads, wrk_timeout_s, count=distinct)
+                point["minimal_distinct"] = run_wrk(result["minimal_url"], "distinct", model, distinct_seed,
+                                                    concurrency, duration_s, wrk_threads, wrk_timeout_s,
+                                                    count=distinct)
                 result["levels"].append(point)
                 print(f"concurrency {concurrency}: " + ", ".join(
                     f"{kind} {point[kind]['ok_per_second']:,.0f}/s p50 {fmt(point[kind]['p50_ms'])} ms "
                     f"p99 {fmt(point[kind]['p99_ms'])} ms" for kind in KINDS), flush=True)
+            stop_process(minimal)
+            minimal = None
+            overload_url = url
+            if overload_max_in_flight:
+                settings = {"MAX_IN_FLIGHT": str(overload_max_in_flight), **(gateway_settings or {})}
+                overloaded, overload_url = start_gateway(models_dir, redis_url, cache_url, logs, settings)
+                with httpx.Client(base_url=overload_url, timeout=60.0) as side:
+                    wait_ready(side, ready_timeout_s)
+            point = run_wrk(overload_url, "miss", model, overload_seed, overload_concurrency, duration_s, wrk_threads,
+                            wrk_timeout_s)
+            result["overload"] = {"url": overload_url, "concurrency": overload_concurrency,
+                                  "max_in_flight": overload_max_in_flight or None, "miss": point,
+                                  "drain_seconds": drain(redis_url, drain_timeout_s)}
+            limit = overload_max_in_flight or "the service's own"
+            print(f"past admission (concurrency {overload_concurrency}, max in flight {limit}): "
+                  f"statuses {point['statuses']}, "
+                  f"{point['retry_after_429']:,} 429s with Retry-After, socket errors {point['socket_errors']}",
+                  flush=True)
         finally:
-            if minimal is not None:
-                stop_process(minimal)
+            for process in (minimal, overloaded):
+                if process is not None:
+                    stop_process(process)
+            if minimal_keys:
+                try:
+                    remove_minimal(cache_url, minimal_keys)
+                except redis.RedisError as exc:  # they expire after MINIMAL_TTL_S anyway
+                    print(f"warning: could not delete the minimal endpoint's keys: {exc}", file=sys.stderr)
         result["job"] = run_job(client, model, job_n, run_seed, job_timeout_s)
     result["host_at_end"] = host_info()
     result["targets"] = targets(result)
@@ -355,12 +611,36 @@ def target(name: str, value, shown: str, met) -> dict:
     return {"target": name, "value": value, "shown": shown, "met": met}
 
 
+def socket_errors(point: dict) -> int:
+    return sum(point["socket_errors"].values())
+
+
+def answers_shown(kind: str, point: dict) -> str:
+    others = ", ".join(f"{k}: {v}" for k, v in point["statuses"].items() if k != "200") or "none"
+    return (f"{kind}: {point['answered']:,} answers, {point['non_2xx']} non-2xx ({others}), "
+            f"{socket_errors(point)} socket errors")
+
+
+def distinct_count(result: dict) -> int | None:
+    return (result.get("distinct") or {}).get("bodies")
+
+
+def overload_name(result: dict) -> str:
+    overload = result.get("overload")
+    if not overload:
+        return "past admission: overload answered 429 with Retry-After, never 5xx"
+    against = (f"a gateway with SKDCGN_MAX_IN_FLIGHT={overload['max_in_flight']}" if overload.get("max_in_flight")
+               else "the service's own gateway")
+    return (f"past admission (misses at concurrency {overload['concurrency']} against {against}): "
+            "429 with Retry-After, never 5xx")
+
+
 def targets(result: dict) -> list[dict]:
     """The serving targets, each with its measured value and whether it was met (None: not measured)."""
     raw, job = result.get("raw_engine"), result.get("job") or {}
     engine = raw["with_noise_and_composition_images_per_second"] if raw else None
-    c, over = TARGET_CONCURRENCY, OVERLOAD_CONCURRENCY
-    miss, hit, minimal = (point_at(result, c, kind) for kind in KINDS)
+    c = TARGET_CONCURRENCY
+    miss, hit, minimal, hit_distinct, minimal_distinct = (point_at(result, c, kind) for kind in KINDS)
     found = []
 
     share = miss["ok_per_second"] / engine if miss and engine else None
@@ -370,10 +650,30 @@ def targets(result: dict) -> list[dict]:
                         None if share is None else share >= MISS_TARGET))
 
     share = hit["ok_per_second"] / minimal["ok_per_second"] if hit and minimal and minimal["ok_per_second"] else None
-    found.append(target(f"cache hits/s at concurrency {c} ≥ {HIT_TARGET:.0%} of the minimal endpoint", share,
+    found.append(target(f"cache hits/s of one repeated body at concurrency {c} ≥ {HIT_TARGET:.0%} of the minimal "
+                        "endpoint", share,
                         "–" if share is None else
                         f"{share:.0%} ({hit['ok_per_second']:,.0f} vs {minimal['ok_per_second']:,.0f} /s)",
                         None if share is None else share >= HIT_TARGET))
+
+    count = distinct_count(result)
+    name = (f"cache hits/s over {count:,} distinct cached requests at concurrency {c} ≥ {HIT_TARGET:.0%} of the "
+            "minimal endpoint over the same bodies, 0 errors" if count else
+            f"cache hits/s over {DISTINCT:,} distinct cached requests at concurrency {c} ≥ {HIT_TARGET:.0%} of the "
+            "minimal endpoint over the same bodies, 0 errors")
+    if hit_distinct and minimal_distinct and minimal_distinct["ok_per_second"]:
+        share = hit_distinct["ok_per_second"] / minimal_distinct["ok_per_second"]
+        errors = {kind: p["non_2xx"] + socket_errors(p)
+                  for kind, p in (("hit", hit_distinct), ("minimal", minimal_distinct))}
+        not_hits = hit_distinct["ok"] - hit_distinct["x_cache"].get("hit", 0)
+        shown = (f"{share:.0%} ({hit_distinct['ok_per_second']:,.0f} vs {minimal_distinct['ok_per_second']:,.0f} /s); "
+                 f"errors: hit {errors['hit']:,}, minimal {errors['minimal']:,}; answers not from the cache: "
+                 f"{not_hits:,}")
+        found.append(target(name, share, shown,
+                            share >= HIT_TARGET and sum(errors.values()) == 0 and not_hits == 0
+                            and hit_distinct["answered"] > 0))
+    else:
+        found.append(target(name, None, "–", None))
 
     tails = (hit["p99_over_p50"], minimal["p99_over_p50"]) if hit and minimal else (None, None)
     measured = None not in tails
@@ -383,31 +683,32 @@ def targets(result: dict) -> list[dict]:
                         tails[0] <= tails[1] if measured else None))
 
     if miss and hit:
-        bad = {kind: p["non_2xx"] + sum(p["socket_errors"].values()) for kind, p in (("miss", miss), ("hit", hit))}
-        shown = "; ".join(f"{kind}: {p['answered']:,} answers, {p['non_2xx']} non-2xx "
-                          f"({', '.join(f'{k}: {v}' for k, v in p['statuses'].items() if k != '200') or 'none'}), "
-                          f"{sum(p['socket_errors'].values())} socket errors"
-                          for kind, p in (("miss", miss), ("hit", hit)))
-        found.append(target(f"every answer 200 at concurrency {c}, n = 1", sum(bad.values()), shown,
-                             sum(bad.values()) == 0 and miss["answered"] > 0 and hit["answered"] > 0))
+        checked = [("miss", miss), ("hit", hit)]
+        checked += [("hit over distinct bodies", hit_distinct)] if hit_distinct else []
+        bad = sum(p["non_2xx"] + socket_errors(p) for _, p in checked)
+        found.append(target(f"every answer 200 at concurrency {c}, n = 1", bad,
+                            "; ".join(answers_shown(kind, p) for kind, p in checked),
+                            bad == 0 and all(p["answered"] > 0 for _, p in checked)))
     else:
         found.append(target(f"every answer 200 at concurrency {c}, n = 1", None, "–", None))
 
-    overload = point_at(result, over, "miss")
+    overload = (result.get("overload") or {}).get("miss")
     if overload:
         statuses = overload["statuses"]
         server_errors = sum(v for k, v in statuses.items() if k.startswith("5"))
         too_many = statuses.get("429", 0)
         shown = (f"429: {fmt(100 * (overload['share_429'] or 0))} % ({too_many:,} of {overload['answered']:,}, "
-                 f"{overload['retry_after_429']:,} with Retry-After); 503: {statuses.get('503', 0)}; statuses "
+                 f"{overload['retry_after_429']:,} with Retry-After); 5xx: {server_errors:,}; 2xx: "
+                 f"{overload['ok_per_second']:,.0f}/s; statuses "
                  + ", ".join(f"{k}: {v:,}" for k, v in statuses.items())
-                 + f"; socket errors {sum(overload['socket_errors'].values())}")
-        found.append(target(f"misses at concurrency {over}: overload answered 429 with Retry-After, never 5xx",
-                            overload["share_429"], shown,
-                            server_errors == 0 and overload["retry_after_429"] == too_many))
+                 + f"; socket errors {socket_errors(overload)}"
+                 + ("" if too_many else "; no 429 observed: admission was never exceeded, so this shows nothing "
+                                        "about overload"))
+        found.append(target(overload_name(result), overload["share_429"], shown,
+                            too_many > 0 and overload["retry_after_429"] == too_many and server_errors == 0
+                            and socket_errors(overload) == 0))
     else:
-        found.append(target(f"misses at concurrency {over}: overload answered 429 with Retry-After, never 5xx",
-                            None, "–", None))
+        found.append(target(overload_name(result), None, "–", None))
 
     bulk = job["images_per_second"] / engine if job.get("images_per_second") and engine else None
     found.append(target(f"bulk job ≥ {BULK_TARGET:.0%} of the raw engine", bulk,
@@ -417,36 +718,73 @@ def targets(result: dict) -> list[dict]:
 
     first = point_at(result, 1, "hit")
     p50 = first["p50_ms"] if first else None
-    found.append(target(f"cache-hit p50 ≤ {CACHE_HIT_P50_TARGET_MS:g} ms at concurrency 1", p50,
-                        "–" if p50 is None else f"{p50:.1f} ms",
+    found.append(target(f"cache-hit p50 ≤ {CACHE_HIT_P50_TARGET_MS:g} ms at concurrency 1 (one repeated body)", p50,
+                        "–" if p50 is None else f"{p50:.1f} ms"
+                        + (f" ({fmt(point_at(result, 1, 'hit_distinct')['p50_ms'])} ms over the distinct bodies)"
+                           if point_at(result, 1, "hit_distinct") else ""),
                         None if p50 is None else p50 <= CACHE_HIT_P50_TARGET_MS))
     return found
 
 
+def kind_label(kind: str, result: dict) -> str:
+    count = distinct_count(result)
+    return {"hit": "hit, 1 body", "minimal": "minimal, 1 body",
+            "hit_distinct": f"hit, {count:,} bodies" if count else "hit, distinct bodies",
+            "minimal_distinct": f"minimal, {count:,} bodies" if count else "minimal, distinct bodies"}.get(kind, kind)
+
+
+def table_row(concurrency, load: str, p: dict) -> list:
+    errors = socket_errors(p)
+    return [concurrency, load, f"{p['answered']:,}", fmt(p["ok_per_second"]), fmt(p["p50_ms"]), fmt(p["p90_ms"]),
+            fmt(p["p99_ms"]), fmt(p["p99_over_p50"], 2),
+            ", ".join(f"{k}: {v:,}" for k, v in p["statuses"].items()) or "–",
+            f"{errors} ({', '.join(f'{k} {v}' for k, v in p['socket_errors'].items() if v)})" if errors else "0",
+            ", ".join(f"{k}: {v:,}" for k, v in sorted(p["x_cache"].items())) or "–"]
+
+
 def markdown(result: dict, plot_name: str, note: str = "") -> str:
-    rows = []
-    for level in result["levels"]:
-        for kind in KINDS:
-            p = level[kind]
-            errors = sum(p["socket_errors"].values())
-            rows.append([level["concurrency"], kind, f"{p['answered']:,}", fmt(p["ok_per_second"]),
-                         fmt(p["p50_ms"]), fmt(p["p90_ms"]), fmt(p["p99_ms"]), fmt(p["p99_over_p50"], 2),
-                         ", ".join(f"{k}: {v:,}" for k, v in p["statuses"].items()) or "–",
-                         f"{errors} ({', '.join(f'{k} {v}' for k, v in p['socket_errors'].items() if v)})" if errors
-                         else "0",
-                         ", ".join(f"{k}: {v:,}" for k, v in sorted(p["x_cache"].items())) or "–"])
+    rows = [table_row(level["concurrency"], kind_label(kind, result), level[kind])
+            for level in result["levels"] for kind in KINDS if kind in level]
+    overload = result.get("overload")
+    if overload:
+        limit = (f"SKDCGN_MAX_IN_FLIGHT={overload['max_in_flight']}" if overload.get("max_in_flight")
+                 else "the service's own limit")
+        rows.append(table_row(overload["concurrency"], f"miss, past admission ({limit})", overload["miss"]))
     raw, job, wrk = result["raw_engine"], result["job"], result["wrk"]
+    count, warmed = distinct_count(result), result.get("warm")
+    family = result.get("family", result["model"])
+    latest = result.get("latest_version")
+    measured = f"{family}/{result.get('version')}"
+    if latest and latest != result.get("version"):
+        measured += f" (LATEST was {latest}: the service did not serve LATEST)"
+    text = (f"`{wrk['version']}` ({wrk['threads']} thread(s), script `{wrk['script']}`) against `{result['url']}`, "
+            f"{result['duration_s']:g} s per point, model {measured}. POST /counterfactual with n = 1: **miss** a "
+            "fresh seed per request, **hit, 1 body** the same body every request (requested once beforehand; the "
+            "gateway's repeats memo answers it before FastAPI, the best case)")
+    if count:
+        text += (f", **hit, {count:,} bodies** one of {count:,} distinct bodies per request, its seed drawn at random "
+                 f"(all {count:,} requested once beforehand through the service")
+        if warmed:
+            text += (f", {warmed['concurrency']} at a time: {warmed['seconds']:.1f} s, "
+                     f"{warmed['answers_per_second']:,.0f} answers/s")
+        text += ", so the cache entries are the service's own)"
+    text += (f"; **minimal** the same requests to FastAPI + a sha256 of the body + one Redis GET "
+             f"(`benchmarks/minimal_endpoint.py`, same Redis, same uvicorn settings) returning the service's stored "
+             f"answer for that body ({result['hit_answer_bytes']:,} bytes for the one body).")
+    if overload:
+        text += (f" **Past admission**: misses at concurrency {overload['concurrency']} against "
+                 + (f"a second gateway process over the same Redis and worker, started with "
+                    f"SKDCGN_MAX_IN_FLIGHT={overload['max_in_flight']}" if overload.get("max_in_flight")
+                    else "the service itself")
+                 + f" ({overload['miss']['retry_after_429']:,} of its 429s carried Retry-After).")
+    text += (f" Latency percentiles are wrk's, over every answer (429s included). Host: "
+             f"{result['host_at_start']['cpus']} CPUs, load average {result['host_at_start']['load_average'][0]:.1f} "
+             f"at start, {result['host_at_end']['load_average'][0]:.1f} at end; the load generator shares them with "
+             "the service.")
     lines = [
         f"### Serving benchmark: {result['model']}/{result.get('version')}",
         "",
-        f"`{wrk['version']}` ({wrk['threads']} thread(s), script `{wrk['script']}`) against `{result['url']}`, "
-        f"{result['duration_s']:g} s per point. POST /counterfactual with n = 1: **miss** a fresh seed per request, "
-        f"**hit** the same body every request (requested once beforehand), **minimal** the same requests to "
-        f"FastAPI + one Redis GET (`benchmarks/minimal_endpoint.py`, same Redis, same uvicorn settings) returning "
-        f"the stored hit answer ({result['hit_answer_bytes']:,} bytes). Latency percentiles are wrk's, over every "
-        f"answer (429s included). Host: {result['host_at_start']['cpus']} CPUs, load average "
-        f"{result['host_at_start']['load_average'][0]:.1f} at start, {result['host_at_end']['load_average'][0]:.1f} "
-        "at end; the load generator shares them with the service.",
+        text,
         "",
         report.table(["concurrency", "load", "answers", "2xx/s", "p50 ms", "p90 ms", "p99 ms", "p99/p50", "statuses",
                       "socket errors", "X-Cache"], rows),
@@ -476,30 +814,53 @@ def plot(result: dict, path: Path) -> None:
 
     levels = result["levels"]
     x = [level["concurrency"] for level in levels]
-    colours = {"miss": "tab:red", "hit": "tab:blue", "minimal": "tab:grey"}
-    labels = {"miss": "miss (rendered)", "hit": "cache hit", "minimal": "minimal FastAPI + Redis GET"}
-    fig, (rate, latency) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for kind in KINDS:
-        rate.plot(x, [level[kind]["ok_per_second"] for level in levels], "o-", color=colours[kind], label=labels[kind])
-        latency.plot(x, [level[kind]["p50_ms"] for level in levels], "o-", color=colours[kind], label=f"{kind} p50")
-        latency.plot(x, [level[kind]["p99_ms"] for level in levels], "s--", color=colours[kind], label=f"{kind} p99")
+    colours = {"miss": "tab:red", "hit": "tab:blue", "minimal": "tab:grey", "hit_distinct": "tab:green",
+               "minimal_distinct": "black"}
+    count = distinct_count(result)
+    labels = {"miss": "miss (rendered)", "hit": "cache hit, 1 body", "minimal": "minimal FastAPI + Redis GET, 1 body",
+              "hit_distinct": f"cache hit, {count or 0:,} bodies",
+              "minimal_distinct": f"minimal, {count or 0:,} bodies"}
+    kinds = [kind for kind in KINDS if levels and all(kind in level for level in levels)]
+    fig, (rate, latency) = plt.subplots(1, 2, figsize=(11, 4.6))
+    for kind in kinds:
+        style = "-" if kind in ("miss", "hit", "minimal") else "-."
+        rate.plot(x, [level[kind]["ok_per_second"] for level in levels], "o" + style, color=colours[kind],
+                  label=labels[kind])
+        latency.plot(x, [level[kind]["p50_ms"] for level in levels], "o" + style, color=colours[kind],
+                     label=f"{kind_label(kind, result)} p50")
+        latency.plot(x, [level[kind]["p99_ms"] for level in levels], "s:", color=colours[kind],
+                     label=f"{kind_label(kind, result)} p99")
+    ticks = list(x)
+    overload = result.get("overload")
+    if overload:
+        point, over = overload["miss"], overload["concurrency"]
+        seconds = point["seconds"] or 1
+        limit = overload.get("max_in_flight") or "service's"
+        rate.plot([over], [point["ok_per_second"]], "*", color="tab:red", ms=11,
+                  label=f"miss past admission (max in flight {limit}): 2xx")
+        rate.plot([over], [max(point["statuses"].get("429", 0) / seconds, 1e-1)], "X", color="tab:orange", ms=9,
+                  label="… and 429 with Retry-After")
+        if point["p50_ms"] is not None:
+            latency.plot([over], [point["p50_ms"]], "*", color="tab:red", ms=11, label="past admission p50")
+            latency.plot([over], [point["p99_ms"]], "X", color="tab:red", ms=9, label="past admission p99")
+        ticks.append(over)
     engine = result["raw_engine"]["with_noise_and_composition_images_per_second"]
     rate.axhline(engine, color="black", lw=1, label=f"raw engine, batch {result['raw_engine']['batch']}")
     rate.axhline(MISS_TARGET * engine, color="tab:red", lw=1, ls=":", label=f"miss target ({MISS_TARGET:.0%} of raw)")
     for ax in (rate, latency):
         ax.set_xscale("log", base=2)
-        ax.set_xticks(x, [str(c) for c in x])
+        ax.set_xticks(ticks, [str(c) for c in ticks])
         ax.set_xlabel("concurrency (wrk connections)")
         ax.grid(alpha=0.3)
     rate.set_yscale("log")
-    rate.set_ylabel("2xx answers / s")
+    rate.set_ylabel("answers / s")
     rate.set_title("throughput (n = 1)")
-    rate.legend(fontsize=7)
+    rate.legend(fontsize=6)
     latency.set_yscale("log")
     latency.set_ylabel("latency (ms)")
     latency.set_title("p50 and p99")
-    latency.legend(fontsize=7, ncol=2)
-    fig.suptitle(f"POST /counterfactual: {result['model']}/{result.get('version')}, "
+    latency.legend(fontsize=6, ncol=2)
+    fig.suptitle(f"POST /counterfactual: {result.get('family', result['model'])}/{result.get('version')}, "
                  f"{result['duration_s']:g} s per point")
     save_figure(fig, path)
 
@@ -529,6 +890,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="wrk threads (at most the concurrency); one drives far more than the service answers")
     parser.add_argument("--wrk-timeout", type=float, default=settings.sync_timeout_s + 5,
                         help="seconds before wrk counts a request as timed out")
+    parser.add_argument("--distinct", type=int, default=DISTINCT,
+                        help="distinct cached bodies of the hit_distinct and minimal_distinct points (fewer only for "
+                             "a quick check of the harness)")
+    parser.add_argument("--warm-concurrency", type=int, default=WARM_CONCURRENCY,
+                        help="concurrent n = 1 requests that put the distinct bodies in the cache beforehand")
+    parser.add_argument("--overload-concurrency", type=int, default=OVERLOAD_CONCURRENCY,
+                        help="wrk connections of the point past admission")
+    parser.add_argument("--overload-max-in-flight", type=int, default=OVERLOAD_MAX_IN_FLIGHT,
+                        help="SKDCGN_MAX_IN_FLIGHT of the extra gateway started for the point past admission (over "
+                             "the same Redis and workers); 0: run that point against the service itself")
     parser.add_argument("--raw-seconds", type=float, default=3.0, help="minimum seconds per raw-engine variant")
     parser.add_argument("--job-n", type=int, default=2000)
     parser.add_argument("--job-timeout", type=float, default=300.0)
@@ -536,18 +907,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results-dir", default="benchmarks/results")
     parser.add_argument("--results-md", default="docs/RESULTS.md", help=f"its folder also receives {PLOT_NAME}")
     args = parser.parse_args(argv)
+    if min(args.distinct, args.warm_concurrency, args.overload_concurrency) < 1 or args.overload_max_in_flight < 0:
+        parser.error("--distinct, --warm-concurrency and --overload-concurrency must be at least 1, "
+                     "--overload-max-in-flight at least 0")
     concurrencies = [int(c) for c in args.concurrency.split(",") if c.strip()]
+    gateway_settings = {}
     process, logs = None, Path(tempfile.mkdtemp(prefix="skdcgn-bench-"))
     try:
         wrk_path()
         url, redis_url = args.url, args.redis_url
         cache_url = args.cache_url or (settings.cache_url if args.redis_url == settings.redis_url else args.redis_url)
         if args.start:
-            process, url, redis_url = start_service(args.models_dir, logs, args.threads)
-            cache_url = redis_url
+            process, url, redis_url, cache_url = start_service(args.models_dir, logs, args.threads)
+            gateway_settings["JOBS_DIR"] = str(logs / "data" / "jobs")  # the started service's
         result = benchmark(url, redis_url, cache_url, args.model, args.models_dir, logs, concurrencies,
                            args.duration, args.wrk_threads, args.threads, args.wrk_timeout, args.raw_seconds,
-                           args.job_n, args.job_timeout)
+                           args.job_n, args.job_timeout, distinct=args.distinct,
+                           warm_concurrency=args.warm_concurrency, overload_concurrency=args.overload_concurrency,
+                           overload_max_in_flight=args.overload_max_in_flight, gateway_settings=gateway_settings)
     except (BenchmarkError, httpx.HTTPError, redis.RedisError) as exc:
         print(f"error: {exc} (logs of what was started here: {logs})", file=sys.stderr)
         return 1

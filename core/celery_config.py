@@ -5,10 +5,13 @@ The gateway builds an app from it to send tasks by name (it never imports worker
 (workers.celery_app) adds its task module. Run workers with `--pool solo` (the default here) or `threads`:
 models load after start, never before a fork, so the CUDA provider stays usable.
 
-Redis is the broker and the result backend. Tasks store no Celery result, though (the backend keeps the
-states Celery records itself, such as revocations): interactive answers travel through per-task Redis
-reply lists the gateway awaits with asyncio, because Celery's Redis result consumer is not safe to share
-between a server's threads (celery/celery#4670, #6335); job outputs go to job records and files.
+Redis is the broker, and there is no result backend: nothing reads a Celery result. Interactive answers travel
+through per-task Redis reply lists the gateway awaits with asyncio, because Celery's Redis result consumer is not
+safe to share between a server's threads (celery/celery#4670, #6335); job outputs go to job records and files.
+Without a backend Celery writes no `celery-task-meta-*` keys at all: with one, every task id a worker is told to
+revoke became a REVOKED key kept for a day (celery.worker.control._revoke stores it whatever the task's
+ignore_result), so each cancelled chunk left state in the broker Redis. Nothing revokes tasks either: a chunk
+checks its job's state before rendering, which is what a revoke would have saved.
 """
 from __future__ import annotations
 
@@ -21,13 +24,14 @@ from core.settings import Settings
 
 def make_celery(settings: Settings, include: tuple[str, ...] = ()) -> Celery:
     """The Celery app of a gateway (sends tasks by name) or, with the worker's task modules in `include`, a worker."""
-    app = Celery("skdcgn", broker=settings.redis_url, backend=settings.redis_url, include=list(include))
+    app = Celery("skdcgn", broker=settings.redis_url, include=list(include))
     # Abandoned (unacknowledged) messages are swept back into their queue once they are older than the
     # visibility timeout; sweep at a quarter of it so a killed worker's chunk returns promptly.
     restore_interval = max(1, min(10, settings.visibility_timeout_s // 4))
     app.conf.update(
         task_serializer="json",
         accept_content=["json"],
+        result_backend=None,  # Celery's DisabledBackend: no result or revocation is ever stored
         task_ignore_result=True,
         worker_prefetch_multiplier=1,
         task_acks_late=True,

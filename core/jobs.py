@@ -3,7 +3,8 @@
 A job is stored once, as a Redis hash (`skdcgn:job:<id>`) holding its status fields and its `JobSpec` as JSON;
 chunk messages name only the job and the chunk. Every state change goes through one Lua script, so a job ends
 exactly once and a cancelled job never moves again; a chunk counts as done only while its job is active, so
-progress never rises after a cancel. Every Redis key lives under `skdcgn:` in the broker Redis (noeviction).
+progress never rises after a cancel, and the move that ends a job folds its progress into the hash and deletes its
+chunks set. Every Redis key lives under `skdcgn:` in the broker Redis (noeviction).
 Files live under the jobs directory the gateway shares with the workers: `<jobs_dir>/<id>/chunks/*.npz` while
 the job runs, then the result files (`result_files`): `result.npz`; or the tar shards `result-<shard>.tar` of a png
 or webdataset job, a webdataset job's with `provenance.json` and `SHA256SUMS` beside them. The worker that
@@ -34,9 +35,12 @@ PUBLIC_OWNER = "public"  # owner of the jobs submitted while no API keys are con
 JOBS_ENDED_KEY = "skdcgn:jobs:ended"
 
 # Sets fields of a job hash only if its state is one of the allowed ones, and files the job under JOBS_ENDED_KEY
-# when the move ends it; returns 1 when it did. KEYS[1] the job hash, KEYS[2] JOBS_ENDED_KEY; ARGV[1] the job id;
-# ARGV[2] the ended-at score ('' when the job goes on); ARGV[3] how many allowed states follow; then the states;
-# then field, value pairs.
+# when the move ends it; returns 1 when it did. A move that ends the job also folds its progress into the hash
+# (`done_chunks`, `last_chunk_done`) and deletes its set of done chunks (KEYS[3], when given): nothing adds to the
+# set once the job has ended (CHUNK_DONE_SCRIPT), so an ended job keeps only its hash in Redis besides its index
+# entries. KEYS[1] the job hash, KEYS[2] JOBS_ENDED_KEY, KEYS[3] the chunks set; ARGV[1] the job id; ARGV[2] the
+# ended-at score ('' when the job goes on); ARGV[3] how many allowed states follow; then the states; then field,
+# value pairs.
 TRANSITION_SCRIPT = """
 local current = redis.call('HGET', KEYS[1], 'state')
 local allowed = tonumber(ARGV[3])
@@ -47,6 +51,12 @@ for i = 4, allowed + 3 do
     end
     if ARGV[2] ~= '' then
       redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+      if KEYS[3] then
+        local last = tostring((tonumber(redis.call('HGET', KEYS[1], 'chunks')) or 0) - 1)
+        redis.call('HSET', KEYS[1], 'done_chunks', redis.call('SCARD', KEYS[3]),
+                   'last_chunk_done', redis.call('SISMEMBER', KEYS[3], last))
+        redis.call('DEL', KEYS[3])
+      end
     end
     return 1
   end
@@ -87,6 +97,12 @@ def job_lock_key(job_id: str) -> str:
     return f"skdcgn:job:{job_id}:assemble"
 
 
+def job_rate_key(owner: str, window: int) -> str:
+    """How many jobs `owner` created in minute `window` (epoch seconds // 60): the creation rate limit's counter,
+    one key per owner and minute, expiring soon after its minute."""
+    return f"skdcgn:jobs:rate:{owner}:{window}"
+
+
 def owner_of(api_key: str | None) -> str:
     """Jobs are filed under a hash of the API key that submitted them, never the key itself."""
     return hashlib.sha256(api_key.encode()).hexdigest() if api_key else PUBLIC_OWNER
@@ -96,7 +112,8 @@ def transition_args(job_id: str, allowed: tuple[str, ...], fields: dict[str, str
     """Arguments for `client.eval(*args)` (sync or asyncio client) running TRANSITION_SCRIPT."""
     pairs = [item for name, value in fields.items() for item in (name, str(value))]
     ended = repr(time.time()) if fields.get("state") in ENDED_STATES else ""
-    return (TRANSITION_SCRIPT, 2, job_key(job_id), JOBS_ENDED_KEY, job_id, ended, len(allowed), *allowed, *pairs)
+    return (TRANSITION_SCRIPT, 3, job_key(job_id), JOBS_ENDED_KEY, job_chunks_key(job_id), job_id, ended,
+            len(allowed), *allowed, *pairs)
 
 
 def start_args(job_id: str) -> tuple:
@@ -121,6 +138,14 @@ def chunk_count(total: int, chunk_size: int) -> int:
 def chunk_bounds(chunk: int, chunk_size: int, total: int) -> tuple[int, int]:
     start = chunk * chunk_size
     return start, min(start + chunk_size, total)
+
+
+def recorded_progress(record: dict) -> tuple[int, bool] | None:
+    """(done chunks, whether the last one is among them) as the job hash recorded them when the job ended; None for
+    a job still active (its chunks set holds them), or one that ended before its hash recorded them."""
+    if record.get("done_chunks") is None:
+        return None
+    return int(record["done_chunks"]), record.get("last_chunk_done") == "1"
 
 
 def done_samples(done_chunks: int, last_chunk_done: bool, chunk_size: int, total: int) -> int:

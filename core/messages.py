@@ -200,5 +200,5 @@ class ChunkTask:
 
     @property
     def task_id(self) -> str:
-        """Deterministic, so cancelling can revoke every chunk without storing their ids."""
+        """Deterministic: it names the job and the chunk, in logs and in the queue."""
         return f"{self.job_id}-{self.chunk:06d}"

@@ -12,10 +12,12 @@ import asyncio
 import base64
 import gc
 import json
+import logging
 import secrets
 import time
 import shutil
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +27,7 @@ import numpy as np
 import redis.exceptions
 from fastapi import APIRouter, Depends, FastAPI, Query, Request, Security
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.security import APIKeyHeader
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -47,6 +49,7 @@ from core.messages import (
 from core.noise import MECHANISMS
 from core.settings import Settings
 from service.middleware import GatewayMiddleware
+from service.redis_memory import memory_warnings
 from service.repeats import REMEMBER, RepeatedRenders
 from service.batcher import RenderBatcher
 from service.broker import Broker, ServiceError, redis_location, refusals
@@ -56,9 +59,10 @@ from service.limits import BodyLimit, clip, error_response, human_size, json_bod
 from service.metrics import GatewayMetrics
 from service.schemas import (
     CounterfactualRequest, JobChecksums, JobList, JobRequest, JobState, JobStatus, Mechanism, MechanismRequest,
-    RenderResponse, api_description, error_responses,
+    RenderResponse, api_description, declare_key_requirements, error_responses,
 )
 
+logger = logging.getLogger(__name__)
 RANDOM_SEED_BITS = 32  # seeds the gateway picks stay exact in JavaScript clients
 STATIC_DIR = Path(__file__).resolve().parent / "static"  # the web playground served at /
 
@@ -72,6 +76,7 @@ class Gateway:
     jobs: JobStore
     batcher: RenderBatcher
     tasks: set = field(default_factory=set)
+    png_pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(PNG_THREADS, "png"))
 
     def background(self, coroutine) -> None:
         """Run `coroutine` after the answer is sent (a reference is kept until it is done)."""
@@ -109,10 +114,12 @@ async def job_owner(request: Request, x_api_key: str | None = Security(API_KEY))
     return owner_of(x_api_key)
 
 
-async def sees_workers(request: Request, x_api_key: str | None = Security(API_KEY)) -> bool:
-    """Whether the caller may see worker host names and PIDs: anyone without SKDCGN_API_KEYS, else a valid key."""
+async def sees_workers(request: Request) -> bool:
+    """Whether the caller may see worker host names and PIDs: anyone without SKDCGN_API_KEYS, else a valid key.
+    The header is read from the request, not through Security(API_KEY): these routes are open, and their OpenAPI
+    operations must declare no security requirement."""
     keys = request.app.state.gateway.settings.api_keys
-    return not keys or valid_key(keys, x_api_key)
+    return not keys or valid_key(keys, request.headers.get("x-api-key"))
 
 
 def worker_view(workers: list[dict], detailed: bool) -> list[dict]:
@@ -169,6 +176,8 @@ def check_cursor(cursor: str | None) -> None:
 
 
 CURSOR_MAX = 80
+# A cursor as OpenAPI declares it: service.jobstore.CURSOR_PATTERN, or empty (the first page, as when omitted).
+CURSOR_SPEC_PATTERN = "^([0-9]+:[0-9a-f]{32})?$"
 DISK_MARGIN_BYTES = 64 << 20  # free space a job leaves untouched in the jobs directory
 SAMPLE_ARRAYS_BYTES = 4 * 8  # a sample's labels (3 int64) and index (int64) in the result
 TAR_MEMBER_BYTES = 1024 + 64  # a png job's tar header and padding per PNG, and its labels.csv row
@@ -250,7 +259,10 @@ def wants_png(accept: str) -> bool:
 
 
 PNG_SCALE_MAX = 16
-PNG_MAX_PIXELS = 1 << 25  # 32 Mpx (96 MiB of RGB): a larger scale × grid is refused (422) before it is drawn
+# 8 Mpx (24 MiB of RGB, about 0.1 s of one core to draw): a larger scale × grid is refused (422) before it is drawn;
+# n = 64 at scale 8 or n = 16 at scale 16 fit (32×32 images).
+PNG_MAX_PIXELS = 1 << 23
+PNG_THREADS = 2  # the pool that draws PNG answers: at most this many at once, the rest wait their turn
 GRID_PAD = 2  # pixels between the images of a PNG grid (core.imageio.grid's default)
 
 
@@ -285,15 +297,27 @@ def png_picture(images: np.ndarray, layout: PngLayout) -> np.ndarray:
     return labelled_rows([images], columns, scale=layout.scale, pad=pad)
 
 
-def render_response(request: RenderRequest, payload: str, cached: bool, accept: str,
-                    layout: PngLayout = PngLayout()) -> Response:
+def png_answer(payload: str, layout: PngLayout) -> bytes:
+    """The payload's images as one PNG laid out as `layout` says: decoding, upscaling and encoding, CPU work for
+    the PNG pool, never the event loop."""
+    images = np.stack([decode(base64.b64decode(image)) for image in json.loads(payload)["images"]])
+    return encode(png_picture(images, layout))
+
+
+async def render_response(gw: Gateway, request: RenderRequest, payload: str, cached: bool, accept: str,
+                          layout: PngLayout = PngLayout()) -> Response:
     """The answer to a render: the payload's JSON text as it was cached (with `cached` added), or one PNG laid out
-    as `layout` says."""
+    as `layout` says, drawn in the PNG pool."""
     headers = {"X-Cache": "hit" if cached else "miss", "X-Seed": str(request.seed),
                **model_headers(request.family, request.version, request.manifest_sha256)}
     if wants_png(accept):
-        images = np.stack([decode(base64.b64decode(image)) for image in json.loads(payload)["images"]])
-        return Response(encode(png_picture(images, layout)), media_type="image/png", headers=headers)
+        drawn = asyncio.get_running_loop().run_in_executor(gw.png_pool, png_answer, payload, layout)
+        try:
+            png = await asyncio.wait_for(drawn, gw.settings.sync_timeout_s)
+        except asyncio.TimeoutError:
+            raise ServiceError(504, f"drawing the PNG took over {gw.settings.sync_timeout_s:g} s; the gateway is "
+                                    "overloaded: retry later, or ask for a smaller scale or n") from None
+        return Response(png, media_type="image/png", headers=headers)
     body = f'{payload[:-1]},"cached":{"true" if cached else "false"}}}'  # the payload is a JSON object
     return Response(body, media_type="application/json", headers=headers)
 
@@ -312,7 +336,7 @@ async def render(gw: Gateway, request: RenderRequest, route: str, accept: str,
             raise ServiceError(reply.status, reply.error)
         payload = json.dumps(reply.payload, allow_nan=False, separators=(",", ":"))
         gw.background(gw.broker.cache_set(key, payload))  # only successful, encodable answers are cached
-    response = render_response(request, payload, cached, accept, layout)
+    response = await render_response(gw, request, payload, cached, accept, layout)
     count_render(gw, request, route, cached, started)
     return response
 
@@ -416,6 +440,7 @@ async def create_job(body: JobRequest, gw: Gateway = Depends(gateway), owner: st
     check_disk(gw, model, body.n, body.format)
     await check_active_jobs(gw, owner)
     await gw.broker.admit(JOBS_QUEUE, gw.settings.job_queue_bound, f"{model.family}/{model.version}")
+    await gw.jobs.admit_creation(owner, gw.settings.job_create_rate, bool(gw.settings.api_keys))
     seed = pick_seed(body.seed)
     chunk_size = gw.settings.chunk_size_for(model.image_size)
     # shard_size only when asked for: requests of earlier releases (and their provenance) stay as they were
@@ -439,7 +464,9 @@ async def create_job(body: JobRequest, gw: Gateway = Depends(gateway), owner: st
 @router.get("/jobs", response_model=JobList)
 async def list_jobs(state: Optional[JobState] = Query(None, description="only jobs in this state"),
                     limit: int = Query(20, ge=1, le=100, description="jobs per page"),
-                    cursor: Optional[str] = Query(None, description="next_cursor of the previous page"),
+                    cursor: Optional[str] = Query(None, description="next_cursor of the previous page",
+                                                  json_schema_extra={"pattern": CURSOR_SPEC_PATTERN,
+                                                                     "maxLength": CURSOR_MAX}),
                     gw: Gateway = Depends(gateway), owner: str = Depends(job_owner)):
     """Your jobs, newest first, a page at a time; ended jobs stay listed until SKDCGN_JOB_RETENTION_S expires."""
     check_cursor(cursor)
@@ -522,14 +549,14 @@ async def get_job_checksums(job_id: str, gw: Gateway = Depends(gateway), owner: 
 
 @router.delete("/jobs/{job_id}", response_model=JobStatus, responses={204: {"description": "the ended job is deleted"}})
 async def delete_job(job_id: str, gw: Gateway = Depends(gateway), owner: str = Depends(job_owner)):
-    """Cancel a queued or running job (its remaining chunks are revoked and skipped); delete an ended job, with its
-    result files."""
+    """Cancel a queued or running job (its remaining chunks are skipped); delete an ended job, with its result
+    files."""
     record = await gw.jobs.record(job_id, owner)
     if not await gw.jobs.cancel(job_id):
         await gw.jobs.delete(record)
         return Response(status_code=204)
-    # Chunks also check the job's state before rendering, so a revoke that misses a worker costs nothing.
-    await gw.broker.revoke([ChunkTask(job_id, chunk).task_id for chunk in range(int(record["chunks"]))])
+    # No Celery revoke: each queued chunk checks its job's state before rendering and skips it, and a revoke made
+    # every worker read and write a result-backend key per chunk (core.celery_config).
     return await gw.jobs.status(job_id, owner)
 
 
@@ -543,10 +570,13 @@ async def healthz():
 
 @router.get("/readyz")
 async def readyz(gw: Gateway = Depends(gateway), detailed: bool = Depends(sees_workers)):
-    """Ready when Redis answers and a worker has loaded the default model. With SKDCGN_API_KEYS set, worker
+    """Ready when Redis answers now and, as of the probe's last reading (what admission uses, so a ready gateway
+    admits and an unready one refuses), a worker has loaded the default model. With SKDCGN_API_KEYS set, worker
     names and PIDs only for a valid X-API-Key."""
     default = gw.settings.default_model
-    workers = worker_view(await gw.broker.workers(), detailed)
+    gw.broker.ensure_up()
+    await gw.broker.redis.ping()
+    workers = worker_view(live_workers(gw), detailed)
     serving = [w for w in workers if any(name.startswith(default + "/") for name in w["loaded"])]
     body = {"ready": bool(serving), "redis": "ok", "default_model": default, "workers": workers}
     if not serving:
@@ -555,19 +585,17 @@ async def readyz(gw: Gateway = Depends(gateway), detailed: bool = Depends(sees_w
     return body
 
 
-async def live_workers(gw: Gateway) -> list[dict]:
-    """The workers' heartbeats; none when Redis is down (the model listing still answers from the files)."""
-    try:
-        return await gw.broker.workers()
-    except redis.exceptions.ConnectionError:
-        return []
+def live_workers(gw: Gateway) -> list[dict]:
+    """The workers as of the probe's last reading, which admission uses too; none while Redis is down (the model
+    listing still answers from the files)."""
+    return gw.broker.view.workers if gw.broker.down_reason is None else []
 
 
 @router.get("/models")
 async def models(gw: Gateway = Depends(gateway), detailed: bool = Depends(sees_workers)):
     """Families, versions, labels and manifest essentials; the workers up and their execution provider (with
     SKDCGN_API_KEYS set, worker names and PIDs only for a valid X-API-Key)."""
-    workers = worker_view(await live_workers(gw), detailed)
+    workers = worker_view(live_workers(gw), detailed)
     return {"default_model": gw.settings.default_model, "models": gw.catalog.describe(refusals(workers)),
             "workers": workers}
 
@@ -577,17 +605,17 @@ async def model_versions(family: str, gw: Gateway = Depends(gateway), detailed: 
     """Every version of a family: creation time, teacher, metrics, noise block, labels, manifest sha256, and
     whether it can be served ("unavailable" with the reason when a worker refuses its files)."""
     try:
-        return gw.catalog.describe_family(family, refusals(worker_view(await live_workers(gw), detailed)))
+        return gw.catalog.describe_family(family, refusals(worker_view(live_workers(gw), detailed)))
     except UnknownModel as exc:
         raise ServiceError(404, str(exc)) from exc
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=PlainTextResponse)  # declared text/plain in OpenAPI, as it answers
 async def metrics(gw: Gateway = Depends(gateway)):
     """Prometheus text format."""
     try:
         snapshot = await gw.broker.snapshot((INTERACTIVE_QUEUE, JOBS_QUEUE))
-    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+    except (redis.exceptions.RedisError, OSError):
         snapshot = None
     return Response(gw.metrics.render(snapshot), media_type=CONTENT_TYPE_LATEST)
 
@@ -643,13 +671,19 @@ HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTI
 
 def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     """Starlette's and FastAPI's own errors (unknown route, method not allowed, unreadable body) in ErrorBody form."""
-    where = f"{request.method} {clip(request.url.path)}"
+    where = f"{clip(request.method)} {clip(request.url.path)}"
     if exc.status_code == 404:
-        paths = ", ".join(request.app.openapi()["paths"])
-        return error_response(404, f"no route {where}; the routes are {paths} (GET /docs describes them)")
+        templates = request.app.openapi()["paths"]
+        path, hint = request.url.path, ""
+        bare = path.rstrip("/")
+        if bare != path and bare and any(compile_path(template)[0].match(bare) for template in templates):
+            # No redirect to the path without the slash: a redirect built from the request would carry its Host.
+            hint = f" (routes take no trailing slash: {clip(bare)})"
+        return error_response(404, f"no route {where}{hint}; the routes are {', '.join(templates)} "
+                                   "(GET /docs describes them)")
     if exc.status_code == 405:
         allowed = allowed_methods(request)
-        return error_response(405, f"{request.method} is not allowed on {clip(request.url.path)}; it takes "
+        return error_response(405, f"{clip(request.method)} is not allowed on {clip(request.url.path)}; it takes "
                                    f"{', '.join(allowed)}", {"Allow": ", ".join(allowed)})
     if exc.status_code == 400:
         return error_response(400, f"the request body could not be read as JSON ({clip(exc.detail)})")
@@ -681,24 +715,30 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     gw = Gateway(settings, ModelCatalog(settings.models_dir), broker, metrics,
                  JobStore(broker.redis, settings.jobs_dir), RenderBatcher(broker, settings, metrics))
     broker.on_down.append(gw.batcher.fail_all)
+    metrics.render_waiting.set_function(gw.batcher.waiting)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
-        background = [asyncio.create_task(gw.jobs.cleanup_forever(settings.job_retention_s,
-                                                                   settings.cleanup_interval_s)),
-                      asyncio.create_task(broker.probe_forever())]
+        cleanup = asyncio.create_task(gw.jobs.cleanup_forever(settings.job_retention_s, settings.cleanup_interval_s))
+        broker.start_probe()
+        for warning in await asyncio.to_thread(memory_warnings, settings):
+            logger.warning(warning)
         calm_garbage_collector()
         yield
-        for task in background:
-            task.cancel()
+        cleanup.cancel()
         await gw.broker.close()
+        gw.png_pool.shutdown(wait=False, cancel_futures=True)
 
-    app = FastAPI(title="SKDCGN counterfactual service", version="0.1.0", lifespan=lifespan,
+    # redirect_slashes=False: `GET /jobs/` is a 404 in the one error shape, never a redirect whose Location copies
+    # the request's Host header.
+    app = FastAPI(title="SKDCGN counterfactual service", version="0.1.0", lifespan=lifespan, redirect_slashes=False,
                   description=api_description(settings), responses=error_responses(settings),
                   dependencies=[Depends(json_bodies)],
                   middleware=[Middleware(BodyLimit, max_bytes=settings.max_body_bytes)])
     app.state.gateway = gw
     app.include_router(router)
+    generated_openapi = app.openapi  # FastAPI's, cached after its first call
+    app.openapi = lambda: declare_key_requirements(generated_openapi(), settings)
     # The web playground: plain HTML, CSS and JavaScript, no build step.
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
@@ -709,7 +749,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     async def answer_repeat(task: RenderRequest, payload: str) -> Response:
         started = time.perf_counter()
-        response = render_response(task, payload, True, "application/json")
+        response = await render_response(gw, task, payload, True, "application/json")
         route = COUNTERFACTUAL_ROUTE if task.kind == "counterfactual" else GENERATE_ROUTE
         count_render(gw, task, route, True, started)
         return response

@@ -240,9 +240,6 @@ class Broker:
         except (aioredis.RedisError, OSError):
             pass  # the answer is already computed; losing its cache entry costs only a later recomputation
 
-    async def revoke(self, task_ids: list[str]) -> None:
-        await asyncio.to_thread(self.celery.control.revoke, task_ids)
-
     async def snapshot(self, queues: tuple[str, ...]) -> dict:
         """What /metrics reports from Redis: queue depths, the stats hash, and the workers up at the last probe.
         Reads only, without MULTI, so a Redis that refuses writes (out of memory, read-only) still reports."""

@@ -1,7 +1,8 @@
 """The gateway's view of the model repository: which families and versions exist, and what LATEST names now.
 
 A request's version is resolved here, when it is accepted, and travels with the task: a worker that has
-meanwhile seen a newer LATEST still renders the version the request started with. Reads files only.
+meanwhile seen a newer LATEST still renders the version the request started with. Reads files only. Its errors
+echo at most a short prefix of the family and version names asked for.
 """
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ from pathlib import Path
 from typing import Mapping
 
 from core.manifest import (
-    LATEST_NAME, MANIFEST_NAME, ManifestError, latest_version, list_families, list_versions, load_manifest,
-    manifest_sha256, resolve_version,
+    LATEST_NAME, MANIFEST_NAME, ManifestError, VersionNotFound, latest_version, list_families, list_versions,
+    load_manifest, manifest_sha256, resolve_version,
 )
+from service.limits import clip
 
 
 class UnknownModel(LookupError):
@@ -62,7 +64,7 @@ class ModelCatalog:
     def _check_family(self, family: str) -> None:
         families = list_families(self.models_dir)
         if family not in families:
-            raise UnknownModel(f"unknown model {family!r}; available models: {', '.join(families) or 'none'}")
+            raise UnknownModel(f"unknown model {clip(family)!r}; available models: {', '.join(families) or 'none'}")
 
     def resolve(self, family: str, version: str | None = None) -> ResolvedModel:
         """The version to serve (LATEST when None); raises UnknownModel, VersionNotFound or ManifestError."""
@@ -70,7 +72,10 @@ class ModelCatalog:
         if cached is not None and cached[0] == self._signatures(family, version, cached[1].version):
             return cached[1]
         self._check_family(family)
-        resolved_version, directory = resolve_version(self.models_dir, family, version)
+        try:
+            resolved_version, directory = resolve_version(self.models_dir, family, version)
+        except VersionNotFound as exc:  # the message echoes the version asked for: only a prefix of it
+            raise VersionNotFound(exc.family, clip(exc.version), exc.available) from None
         model = ResolvedModel(family, resolved_version, load_manifest(directory), manifest_sha256(directory))
         self._resolved[(family, version)] = (self._signatures(family, version, resolved_version), model)
         return model

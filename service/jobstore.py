@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import re
 import shutil
 import time
@@ -19,14 +20,16 @@ import redis.asyncio as aioredis
 
 from core.jobs import (
     CANCELLED, JOB_ID_PATTERN, JOBS_ENDED_KEY, QUEUED, SUCCEEDED, JobSpec, discard_chunks, discard_job_files, done_samples,
-    end_args, job_chunks_key, job_key, jobs_index_key, parse_files,
+    end_args, job_chunks_key, job_key, job_rate_key, jobs_index_key, parse_files, recorded_progress,
 )
 from core.messages import STATS_KEY
 from service.broker import ServiceError
+from service.limits import clip
 
 logger = logging.getLogger(__name__)
 CURSOR_PATTERN = re.compile(r"^(\d+):([0-9a-f]{32})$")  # "<created epoch ms>:<id>" of the last job of a page
 SCAN_BATCH = 100  # index entries read per round trip while filling a page or expiring jobs
+RATE_WINDOW_S = 60  # SKDCGN_JOB_CREATE_RATE counts jobs per owner in fixed windows of this many seconds
 STATUS_FIELDS = ("id", "state", "model", "version", "manifest_sha256", "format", "created", "started", "finished",
                  "error")
 
@@ -62,8 +65,28 @@ class JobStore:
         pipe.hincrby(STATS_KEY, "jobs_submitted", 1)
         await pipe.execute()
 
+    async def admit_creation(self, owner: str, per_minute: int, keyed: bool) -> None:
+        """429 with Retry-After once `owner` has created `per_minute` jobs this minute: a fixed-window counter, one
+        INCR on a key that expires after its minute (O(1); no scan, nothing left behind). `keyed`: the owner is an
+        API key's (else every client without a key shares the limit)."""
+        now = time.time()
+        window = int(now // RATE_WINDOW_S)
+        key = job_rate_key(owner, window)
+        pipe = self.redis.pipeline()
+        pipe.incr(key).expireat(key, (window + 2) * RATE_WINDOW_S)
+        created, _ = await pipe.execute()
+        if created > per_minute:
+            retry_after = max(1, math.ceil((window + 1) * RATE_WINDOW_S - now))
+            whose = "this API key" if keyed else "clients without an API key (this server has none configured)"
+            raise ServiceError(429, f"{whose} created {per_minute} jobs this minute, the most allowed "
+                                    f"(SKDCGN_JOB_CREATE_RATE={per_minute} per minute); retry in {retry_after} s",
+                               {"Retry-After": str(retry_after)})
+
     async def cancel(self, job_id: str) -> bool:
-        """Cancel an active job: True when this call ended it (its chunks are then discarded), False if it had ended."""
+        """Cancel an active job: True when this call ended it (its chunks are then discarded), False if it had ended.
+        The move folds the job's progress into its record and deletes its chunks set (core.jobs.TRANSITION_SCRIPT),
+        so a cancelled job leaves only its record in Redis; its queued chunk messages are consumed by workers, which
+        find the job ended and skip them."""
         if not await self.redis.eval(*end_args(job_id, CANCELLED)):
             return False
         await self.redis.hincrby(STATS_KEY, "jobs_cancelled", 1)
@@ -73,20 +96,21 @@ class JobStore:
     async def record(self, job_id: str, owner: str) -> dict:
         """The job hash; 404 when there is none, or it belongs to another API key (which must not learn it exists)."""
         if not JOB_ID_PATTERN.match(job_id):  # before the id comes near Redis or the file system
-            raise ServiceError(404, f"no job {job_id!r}: job ids are 32 lowercase hex digits")
+            raise ServiceError(404, f"no job {clip(job_id)!r}: job ids are 32 lowercase hex digits")
         record = await self.redis.hgetall(job_key(job_id))
         if not record or record["owner"] != owner:
             raise ServiceError(404, f"no job {job_id}")
         return record
 
     async def views(self, records: list[dict]) -> list[dict]:
-        """Status bodies of job hashes, their progress read in one round trip."""
+        """Status bodies of job hashes, their progress read in one round trip (an ended job's from its hash)."""
         pipe = self.redis.pipeline()
         for record in records:
             chunks = job_chunks_key(record["id"])
             pipe.scard(chunks).sismember(chunks, int(record["chunks"]) - 1)
         counts = await pipe.execute()
-        return [status_view(record, counts[2 * i], bool(counts[2 * i + 1])) for i, record in enumerate(records)]
+        return [status_view(record, *(recorded_progress(record) or (counts[2 * i], bool(counts[2 * i + 1]))))
+                for i, record in enumerate(records)]
 
     async def status(self, job_id: str, owner: str) -> dict:
         (status,) = await self.views([await self.record(job_id, owner)])

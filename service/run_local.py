@@ -2,7 +2,8 @@
 
 Unless SKDCGN_CACHE_URL names one, a cache Redis of its own is always started (on a free port, bounded by
 SKDCGN_CACHE_MAX_MEMORY, allkeys-lru), also when a broker Redis already answers: cache entries never take the
-broker's memory, and evicting them never touches queued tasks or job records.
+broker's memory, and evicting them never touches queued tasks or job records. A cache URL on this machine where
+none answers is started the same way.
 
 Prints the URL once a worker has loaded the default model. A worker that exits is restarted (with a backoff
 of 1 s doubling to 30 s while it keeps crashing); the gateway or Redis exiting stops everything. SIGINT
@@ -236,19 +237,29 @@ class Supervisor:
                 raise StartupError(f"timed out after 10 s waiting for {name}; see {self.logs}/{name}.log")
             self.pause(0.1)
 
-    def run(self) -> None:
-        if not redis_answers(self.settings.redis_url):
-            location = urlsplit(self.settings.redis_url)
-            if location.hostname not in ("127.0.0.1", "localhost"):
-                raise StartupError(f"no Redis answers at {self.settings.redis_url}")
-            self.start_local_redis("redis", location.port or 6379)
+    def ensure_redis(self, name: str, url: str, max_memory: str | None = None) -> None:
+        """Start Redis `name` at `url` unless one answers there; only on this machine."""
+        if redis_answers(url):
+            return
+        location = urlsplit(url)
+        if location.hostname not in ("127.0.0.1", "localhost"):
+            raise StartupError(f"no Redis answers at {url}")
+        self.start_local_redis(name, location.port or 6379, max_memory)
+
+    def start_redis_servers(self) -> None:
+        """The broker Redis unless one answers; the cache Redis (always, unless SKDCGN_CACHE_URL names a running
+        one); then a warning for each memory setting that puts queued work at risk."""
+        self.ensure_redis("redis", self.settings.redis_url)
         if "SKDCGN_CACHE_URL" not in self.env:
-            port = free_port()
-            self.start_local_redis("cache", port, self.settings.cache_max_memory)
-            self.env["SKDCGN_CACHE_URL"] = f"redis://127.0.0.1:{port}/0"
+            self.env["SKDCGN_CACHE_URL"] = f"redis://127.0.0.1:{free_port()}/0"
             self.settings = dataclasses.replace(self.settings, cache_url=self.env["SKDCGN_CACHE_URL"])
+        if self.settings.cache_url != self.settings.redis_url:
+            self.ensure_redis("cache", self.settings.cache_url, self.settings.cache_max_memory)
         for warning in memory_warnings(self.settings):
             say(f"warning: {warning}")
+
+    def run(self) -> None:
+        self.start_redis_servers()
         for worker in self.workers:
             self.start_worker(worker)
             say(f"{worker.name} started (pid {worker.process.pid})")

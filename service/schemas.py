@@ -207,7 +207,8 @@ def error_responses(settings: Settings) -> dict[int, dict]:
              f"SKDCGN_MAX_JOB_N ({settings.max_job_n} here), labels outside the model's, z of the wrong shape or "
              "outside float32",
         429: f"a queue is over its bound, or (POST /jobs) the key has SKDCGN_MAX_ACTIVE_JOBS_PER_KEY "
-             f"({settings.max_active_jobs_per_key} here) queued or running jobs; see Retry-After",
+             f"({settings.max_active_jobs_per_key} here) queued or running jobs or has created "
+             f"SKDCGN_JOB_CREATE_RATE ({settings.job_create_rate} here) jobs this minute; see Retry-After",
         500: "an unexpected failure of the gateway",
         503: "Redis is unreachable, no worker is up, or the model version is refused by a worker; see Retry-After",
         504: "no worker answered within SKDCGN_SYNC_TIMEOUT_S",
@@ -223,4 +224,19 @@ def api_description(settings: Settings) -> str:
             f"Limits of this server: n ≤ {settings.max_n} per synchronous request (SKDCGN_MAX_N), "
             f"n ≤ {settings.max_job_n} per job (SKDCGN_MAX_JOB_N), request bodies ≤ {settings.max_body_bytes} bytes "
             f"(SKDCGN_MAX_BODY_BYTES), {settings.max_active_jobs_per_key} queued or running jobs per API key "
-            "(SKDCGN_MAX_ACTIVE_JOBS_PER_KEY). Every error answers {\"error\": \"...\"} (ErrorBody).")
+            f"(SKDCGN_MAX_ACTIVE_JOBS_PER_KEY), {settings.job_create_rate} jobs created per API key a minute "
+            "(SKDCGN_JOB_CREATE_RATE). Every error answers {\"error\": \"...\"} (ErrorBody).")
+
+
+def declare_key_requirements(spec: dict, settings: Settings) -> dict:
+    """The OpenAPI document as this server enforces X-API-Key: an operation that declares the key (the job routes,
+    and the rendering routes) gets `{}` beside it, the key then being optional, unless this server requires it: the
+    job routes whenever SKDCGN_API_KEYS is set, the rendering routes only with SKDCGN_API_KEYS_FOR_GENERATION too.
+    Changes `spec` in place (idempotent) and returns it."""
+    for path, operations in spec.get("paths", {}).items():
+        required = bool(settings.api_keys) and (path.startswith("/jobs") or settings.api_keys_for_generation)
+        for operation in operations.values():
+            security = operation.get("security") if isinstance(operation, dict) else None
+            if security and not required and {} not in security:
+                security.append({})
+    return spec

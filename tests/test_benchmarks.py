@@ -5,21 +5,25 @@ Nothing here asserts a speed."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import shutil
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
+import httpx
 import numpy as np
 import pytest
 import torch
 import uvicorn
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from torch import nn
 
 from benchmarks import host
+from benchmarks import minimal_endpoint
 from benchmarks import models as model_bench
 from benchmarks import serving
 from core.noise import MECHANISMS, NoiseSpec
@@ -155,12 +159,16 @@ needs_wrk = pytest.mark.skipif(shutil.which("wrk") is None,
                                       "generator")
 
 
-def stub_app() -> FastAPI:
-    """Just the HTTP contract of POST /counterfactual: X-Cache by body, and every fifth request answered 429."""
+def stub_app(received: list[bytes]) -> FastAPI:
+    """Just the HTTP contract of POST /counterfactual: X-Cache by body, and every fifth request answered 429.
+    Every body received is appended to `received`, as sent."""
     app, seen, count = FastAPI(), set(), [0]
 
     @app.post("/counterfactual")
-    async def counterfactual(body: dict):
+    async def counterfactual(request: Request):
+        raw = await request.body()
+        received.append(raw)
+        body = json.loads(raw)
         count[0] += 1
         if count[0] % 5 == 0:
             return JSONResponse({"error": "busy"}, status_code=429, headers={"Retry-After": "1"})
@@ -175,14 +183,16 @@ def stub_app() -> FastAPI:
 
 
 @pytest.fixture
-def stub_url():
-    server = uvicorn.Server(uvicorn.Config(stub_app(), host="127.0.0.1", port=serving.free_port(), log_level="warning"))
+def stub():
+    received: list[bytes] = []
+    server = uvicorn.Server(uvicorn.Config(stub_app(received), host="127.0.0.1", port=serving.free_port(),
+                                           log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10
     while not server.started and time.monotonic() < deadline:
         time.sleep(0.02)
-    yield f"http://127.0.0.1:{server.config.port}"
+    yield SimpleNamespace(url=f"http://127.0.0.1:{server.config.port}", received=received)
     server.should_exit = True
     thread.join(timeout=10)
 
@@ -206,34 +216,118 @@ def test_wrk_summary_and_targets():
         serving.parse_wrk("no summary")
 
     clean = dict(point, statuses={"200": 100}, non_2xx=0, share_429=0.0, retry_after_429=0,
-                 socket_errors=dict.fromkeys(point["socket_errors"], 0))
+                 socket_errors=dict.fromkeys(point["socket_errors"], 0), x_cache={"hit": 100})
+    refused = dict(clean, statuses={"200": 100, "429": 10}, non_2xx=10, share_429=10 / 110, retry_after_429=10)
     result = {
-        "levels": [{"concurrency": 32, "miss": clean, "hit": dict(clean, ok_per_second=30.0),
-                    "minimal": dict(clean, ok_per_second=50.0, p99_over_p50=5.0)},
+        "levels": [{"concurrency": 32, "miss": dict(clean, x_cache={"miss": 100}),
+                    "hit": dict(clean, ok_per_second=30.0), "minimal": dict(clean, ok_per_second=50.0, p99_over_p50=5.0),
+                    "hit_distinct": dict(clean, ok_per_second=26.0),
+                    "minimal_distinct": dict(clean, ok_per_second=50.0)},
                    {"concurrency": 128, "miss": point, "hit": clean, "minimal": clean}],
+        "distinct": {"bodies": 10_000},
+        "overload": {"concurrency": 512, "max_in_flight": 64, "miss": refused},
         "raw_engine": {"with_noise_and_composition_images_per_second": 100.0},
         "job": {"images_per_second": 50.0},
     }
-    found = {t["target"].split(" ≥")[0].split(" no worse")[0]: t for t in serving.targets(result)}
-    assert [t["met"] for t in serving.targets(result)] == [True, True, True, True, True, False, None]
+    found = {t["target"].split(" ≥")[0].split(" no worse")[0].split(":")[0]: t for t in serving.targets(result)}
+    assert [t["met"] for t in serving.targets(result)] == [True, True, True, True, True, True, False, None]
     assert found["n = 1 misses/s at concurrency 32"]["value"] == pytest.approx(0.5)
-    assert found["cache hits/s at concurrency 32"]["value"] == pytest.approx(0.6)
-    result["levels"][1]["miss"] = dict(point, statuses={"200": 100, "503": 10})  # overload must never be 503
-    assert serving.targets(result)[4]["met"] is False
+    assert found["cache hits/s of one repeated body at concurrency 32"]["value"] == pytest.approx(0.6)
+    distinct = found["cache hits/s over 10,000 distinct cached requests at concurrency 32"]
+    assert distinct["value"] == pytest.approx(0.52) and "same bodies, 0 errors" in distinct["target"]
+    overload = found["past admission (misses at concurrency 512 against a gateway with SKDCGN_MAX_IN_FLIGHT=64)"]
+    assert overload["value"] == pytest.approx(10 / 110) and "10 with Retry-After" in overload["shown"]
+
+    def met(index: int, **changes) -> bool | None:
+        changed = json.loads(json.dumps(result))
+        for path, value in changes.items():
+            *parents, leaf = path.split("__")
+            node = changed
+            for key in parents:
+                node = node[int(key)] if key.isdigit() else node[key]
+            node[leaf] = value
+        return serving.targets(changed)[index]["met"]
+
+    # Hits over the distinct bodies: under half the minimal endpoint, an error on either side, or an answer that did
+    # not come from the cache: not met.
+    assert met(2, levels__0__hit_distinct__ok_per_second=24.0) is False
+    assert met(2, levels__0__hit_distinct__statuses={"200": 100, "500": 1}, levels__0__hit_distinct__non_2xx=1) is False
+    assert met(2, levels__0__minimal_distinct__statuses={"200": 90, "404": 10},
+               levels__0__minimal_distinct__non_2xx=10) is False
+    assert met(2, levels__0__hit_distinct__x_cache={"hit": 99, "miss": 1}) is False
+    assert met(2, levels__0__hit_distinct__socket_errors={"connect": 0, "read": 0, "write": 0, "timeout": 1}) is False
+    # Past admission: met only when 429s were seen, all with Retry-After, and no 5xx or socket error.
+    assert met(5, overload__miss=clean) is False  # zero 429s shows nothing about overload
+    assert "no 429 observed" in serving.targets(dict(result, overload=dict(result["overload"], miss=clean)))[5]["shown"]
+    assert met(5, overload__miss__retry_after_429=9) is False
+    assert met(5, overload__miss__statuses={"200": 100, "429": 10, "503": 1}) is False
+    assert met(5, overload__miss__socket_errors={"connect": 0, "read": 0, "write": 0, "timeout": 2}) is False
+    assert serving.targets({key: value for key, value in result.items() if key != "overload"})[5]["met"] is None
     result["levels"] = result["levels"][1:]  # no concurrency 32: those targets are not measured
-    assert [t["met"] for t in serving.targets(result)][:4] == [None] * 4
+    assert [t["met"] for t in serving.targets(result)][:5] == [None] * 5
 
 
 @needs_wrk
-def test_wrk_script_against_stub_app(stub_url):
-    """The Lua script's mechanics against a stub (not the service): fresh seeds miss, one body hits, statuses
-    and Retry-After are counted."""
-    miss = serving.run_wrk(stub_url, "miss", "m", 1000, concurrency=2, duration_s=1, threads=2, timeout_s=5)
+def test_wrk_script_against_stub_app(stub):
+    """The Lua script's mechanics against a stub (not the service): fresh seeds miss, one body hits, distinct bodies
+    are drawn from their set with the bytes serving.request_body writes, statuses and Retry-After are counted."""
+    miss = serving.run_wrk(stub.url, "miss", "m", 1000, concurrency=2, duration_s=1, threads=2, timeout_s=5)
     assert miss["answered"] > 0 and miss["statuses"].get("200", 0) == miss["x_cache"].get("miss", 0) == miss["ok"]
     assert miss["retry_after_429"] == miss["statuses"].get("429", 0) and miss["share_429"] is not None
-    hit = serving.run_wrk(stub_url, "hit", "m", 7, concurrency=2, duration_s=1, timeout_s=5)
+    hit = serving.run_wrk(stub.url, "hit", "m", 7, concurrency=2, duration_s=1, timeout_s=5)
     assert hit["x_cache"].get("hit", 0) >= hit["ok"] - 1 and hit["x_cache"].get("miss", 0) <= 1
     assert hit["p50_ms"] <= hit["p99_ms"]
+    stub.received.clear()
+    base, count = (1 << 51) + 123_456_789, 50  # seeds as large as the benchmark's
+    distinct = serving.run_wrk(stub.url, "distinct", "m", base, concurrency=4, duration_s=1, threads=2, timeout_s=5,
+                               count=count)
+    expected = {serving.request_body("m", base + i) for i in range(count)}
+    assert distinct["answered"] > count and set(stub.received) <= expected
+    assert len(set(stub.received)) > count // 2  # drawn across the set, not one body
+    with pytest.raises(serving.BenchmarkError, match="count"):
+        serving.run_wrk(stub.url, "distinct", "m", base, concurrency=1, duration_s=1)
+
+
+def test_request_body_is_what_the_lua_script_sends():
+    assert serving.request_body("double_colored_mnist", 1234) == (
+        b'{"model":"double_colored_mnist","shape":4,"texture":3,"background":2,"n":1,"seed":1234}')
+    assert json.loads(serving.request_body("m", 7)) == serving.hit_body("m", 7)
+    assert serving.as_cache_hit(b'{"n":1,"cached":false}') == b'{"n":1,"cached":true}'
+    assert serving.as_cache_hit(b'{"n":1,"cached":true}') == b'{"n":1,"cached":true}'
+
+
+def test_warm_posts_every_body_once_and_retries_429(stub):
+    """The warm-up client: every body answered 200 once (429s retried after Retry-After), answers in body order."""
+    bodies = [serving.request_body("m", 500 + i) for i in range(40)]
+    answers, stats = serving.warm(stub.url, bodies, concurrency=4)
+    assert stats["statuses"]["200"] == 40 and stats["statuses"].get("429", 0) >= 5 and stats["bodies"] == 40
+    assert [json.loads(answer)["seed"] for answer in answers] == [500 + i for i in range(40)]
+    assert sorted(set(stub.received)) == sorted(bodies)
+    with pytest.raises(serving.BenchmarkError, match="loopback"):
+        serving.warm("http://example.com:8000", bodies)
+
+
+def test_minimal_endpoint_keys_each_answer_by_the_body_hash(stack, tmp_path):
+    """The minimal endpoint answers each stored body's own answer (the sha256 of the body's bytes), 404 otherwise;
+    store_minimal checks every key is held and remove_minimal deletes them."""
+    cache_url = stack.env["SKDCGN_REDIS_URL"]
+    bodies = [serving.request_body("m", 9_000 + i) for i in range(20)]
+    answers = [json.dumps({"seed": 9_000 + i, "cached": True}).encode() for i in range(20)]
+    keys = serving.store_minimal(cache_url, bodies, answers, ttl_s=60)
+    assert keys == [minimal_endpoint.KEY_PREFIX + hashlib.sha256(body).hexdigest() for body in bodies]
+    process, url = serving.start_minimal(cache_url, tmp_path)
+    try:
+        for body, answer in zip(bodies[:5], answers[:5]):
+            response = httpx.post(f"{url}/counterfactual", content=body, timeout=10)
+            assert response.status_code == 200 and response.content == answer
+        assert httpx.post(f"{url}/counterfactual", content=b"{}", timeout=10).status_code == 404
+        if shutil.which("wrk"):  # the Lua script's bytes are the ones stored: every answer 200
+            point = serving.run_wrk(url, "distinct", "m", 9_000, concurrency=2, duration_s=1, timeout_s=5, count=20)
+            assert point["answered"] > 0 and point["statuses"] == {"200": point["answered"]}
+    finally:
+        serving.stop_process(process)
+        serving.remove_minimal(cache_url, keys)
+    assert stack.redis().exists(*keys) == 0
 
 
 def test_benchmark_refuses_non_loopback():
@@ -246,18 +340,24 @@ def test_benchmark_refuses_non_loopback():
 
 @needs_wrk
 def test_serving_benchmark_against_the_real_service(stack, models_dir, tmp_path):
-    """The whole benchmark, 1 s per point at concurrency 1 and 4, against the real gateway + Celery worker + Redis
-    (the service tests' shared stack): every field of the JSON, the Markdown section and the plot. Timings are
-    measured, never asserted."""
+    """The whole benchmark, 1 s per point at concurrency 1 and 4 with 200 distinct bodies and a point past admission
+    (32 connections against a gateway admitting 4), against the real gateway + Celery worker + Redis (the service
+    tests' shared stack): every field of the JSON, the Markdown section and the plot. Timings are measured, never
+    asserted."""
     results, md = tmp_path / "results", tmp_path / "docs" / "RESULTS.md"
     assert serving.main([
         "--url", stack.url, "--redis-url", stack.env["SKDCGN_REDIS_URL"], "--models-dir", str(models_dir),
         "--model", FAMILY, "--threads", "1", "--duration", "1", "--concurrency", "1,4", "--raw-seconds", "0.2",
+        "--distinct", "200", "--overload-concurrency", "32", "--overload-max-in-flight", "4",
         "--job-n", "100", "--job-timeout", "60", "--results-dir", str(results), "--results-md", str(md)]) == 0
     result = json.loads((results / f"serving_{FAMILY}.json").read_text())
-    assert {"url", "minimal_url", "model", "version", "duration_s", "concurrency", "wrk", "onnxruntime_threads",
-            "raw_engine", "levels", "job", "targets", "hit_answer_bytes", "host_at_start", "host_at_end"} <= set(result)
+    assert {"url", "minimal_url", "model", "family", "version", "latest_version", "manifest_sha256", "duration_s",
+            "concurrency", "wrk", "onnxruntime_threads", "raw_engine", "levels", "distinct", "warm", "overload", "job",
+            "targets", "hit_answer_bytes", "host_at_start", "host_at_end"} <= set(result)
+    assert result["family"] == FAMILY and result["version"] == result["latest_version"] == (
+        models_dir / FAMILY / "LATEST").read_text().strip()
     assert result["concurrency"] == [1, 4] and [level["concurrency"] for level in result["levels"]] == [1, 4]
+    assert result["distinct"]["bodies"] == 200 and result["warm"]["statuses"].get("200") == 200
     point_fields = {"concurrency", "seconds", "answered", "ok", "non_2xx", "statuses", "share_429", "retry_after_429",
                     "socket_errors", "x_cache", "requests_per_second", "ok_per_second", "bytes", "p50_ms", "p90_ms",
                     "p99_ms", "p999_ms", "mean_ms", "max_ms", "p99_over_p50"}
@@ -267,8 +367,19 @@ def test_serving_benchmark_against_the_real_service(stack, models_dir, tmp_path)
             assert point_fields <= set(level[kind]), (kind, set(level[kind]))
             assert all(status.isdigit() for status in level[kind]["statuses"])
         assert "miss" not in level["hit"]["x_cache"] and "hit" not in level["miss"]["x_cache"]
+        assert set(level["hit_distinct"]["x_cache"]) == {"hit"}  # every distinct body was in the cache
+        assert set(level["minimal_distinct"]["statuses"]) == {"200"}  # and stored for the minimal endpoint
+    overload = result["overload"]
+    assert overload["concurrency"] == 32 and overload["max_in_flight"] == 4 and overload["url"] != stack.url
+    assert overload["miss"]["statuses"].get("429", 0) > 0  # 32 connections against 4 slots: refused
+    assert overload["miss"]["retry_after_429"] == overload["miss"]["statuses"]["429"]
+    assert not any(status.startswith("5") for status in overload["miss"]["statuses"])
     assert {"version", "batch", "onnxruntime_threads", "fused_images_per_second",
             "with_noise_and_composition_images_per_second"} <= set(result["raw_engine"])
     assert result["job"]["state"] == "succeeded"
-    assert len(result["targets"]) == 7 and all({"target", "value", "shown", "met"} <= set(t) for t in result["targets"])
+    assert len(result["targets"]) == 8 and all({"target", "value", "shown", "met"} <= set(t) for t in result["targets"])
     assert (md.parent / serving.PLOT_NAME).is_file() and f"bench-serving-{FAMILY}" in md.read_text()
+    assert "hit, 200 bodies" in md.read_text() and "past admission" in md.read_text()
+    first = result["distinct"]["first_seed"]  # the benchmark deletes what it stored for the minimal endpoint
+    stored = [minimal_endpoint.body_key(serving.request_body(FAMILY, first + i)) for i in range(200)]
+    assert stack.redis().exists(*stored) == 0

@@ -10,7 +10,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ import pytest
 
 from core.settings import Settings
 from service import run_local
-from service.run_local import Supervisor, service_env
+from service.run_local import Supervisor, free_port, service_env, start_redis, stop
 from tests.model_helpers import copy_models
 from tests.paths import REPO
 
@@ -30,12 +29,6 @@ RESTART_TIMEOUT_S = 40
 STOP_TIMEOUT_S = 10
 
 pytestmark = pytest.mark.skipif(not shutil.which("redis-server"), reason="redis-server is not installed")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def parent_of(pid: int) -> int | None:
@@ -86,7 +79,7 @@ def test_run_local_restarts_a_killed_worker_and_stops_everything_on_sigterm(tmp_
     try:
         wait_for(lambda: "ready at" in output.read_text(), STARTUP_TIMEOUT_S, "ready", supervisor, output)
         children = started_pids(output.read_text())
-        assert set(children) == {"redis", "worker1", "gateway"}, output.read_text()
+        assert set(children) == {"redis", "cache", "worker1", "gateway"}, output.read_text()
         for name, pid in children.items():
             assert parent_of(pid) == supervisor.pid, f"{name} (pid {pid}) is not a child of run_local"
 
@@ -108,7 +101,7 @@ def test_run_local_restarts_a_killed_worker_and_stops_everything_on_sigterm(tmp_
             return response.status_code == 200 and any(w["pid"] == new_worker for w in response.json()["workers"])
 
         wait_for(ready_with_new_worker, RESTART_TIMEOUT_S, "/readyz 200 from the restarted worker", supervisor, output)
-        for name in ("redis", "gateway"):
+        for name in ("redis", "cache", "gateway"):
             assert parent_of(children[name]) == supervisor.pid, f"{name} did not survive the worker's death"
 
         # The whole process group, then a second SIGTERM during the shutdown (what make forwards to its child).
@@ -130,6 +123,34 @@ def test_run_local_restarts_a_killed_worker_and_stops_everything_on_sigterm(tmp_
         for pid in list(children.values()) + list(started_pids(output.read_text()).values()):
             if parent_of(pid) is not None:
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_the_cache_gets_a_bounded_redis_of_its_own_beside_a_running_broker(tmp_path, monkeypatch, capsys):
+    """A broker Redis already answers (as on these machines), and evicts: run_local still starts a cache Redis of
+    its own, bounded by SKDCGN_CACHE_MAX_MEMORY with allkeys-lru, and warns that the broker may evict job records."""
+    import redis
+
+    broker_port = free_port()
+    with open(tmp_path / "broker.log", "wb") as log:
+        broker = start_redis(broker_port, log, max_memory="64mb")  # allkeys-lru: what a broker must not run
+    monkeypatch.delenv("SKDCGN_CACHE_URL", raising=False)
+    settings = Settings(redis_url=f"redis://127.0.0.1:{broker_port}/0", cache_max_memory="3mb")
+    supervisor = Supervisor("127.0.0.1", 0, 1, tmp_path, settings)
+    try:
+        run_local.wait_until(lambda: run_local.redis_answers(settings.redis_url), 10, "the broker", {})
+        supervisor.start_redis_servers()
+        assert set(supervisor.fatal) == {"cache"}  # the broker answered: only the cache was started
+        cache_url = supervisor.env["SKDCGN_CACHE_URL"]
+        assert cache_url != settings.redis_url and supervisor.settings.cache_url == cache_url
+        config = redis.Redis.from_url(cache_url, decode_responses=True).config_get("maxmemory*")
+        assert config["maxmemory"] == str(3 << 20) and config["maxmemory-policy"] == "allkeys-lru"
+        out = capsys.readouterr().out
+        assert "maxmemory 3mb, allkeys-lru" in out
+        assert "warning: the broker Redis evicts keys (maxmemory-policy allkeys-lru)" in out
+        assert "shares the broker" not in out
+    finally:
+        supervisor.shutdown()
+        stop([broker])
 
 
 class FakeProcess:

@@ -256,5 +256,67 @@ def test_openapi_documents_errors_limits_examples_and_the_key(client):
     assert spec["components"]["securitySchemes"]["APIKey"] == {
         "type": "apiKey", "in": "header", "name": "X-API-Key",
         "description": spec["components"]["securitySchemes"]["APIKey"]["description"]}
-    assert jobs["security"] == [{"APIKey": []}]
-    assert spec["paths"]["/counterfactual"]["post"]["security"] == [{"APIKey": []}]
+    # This gateway has no API keys: the key is declared, and optional ({}), as this server enforces it.
+    assert jobs["security"] == [{"APIKey": []}, {}]
+    assert spec["paths"]["/counterfactual"]["post"]["security"] == [{"APIKey": []}, {}]
+
+
+# --- what errors echo, redirects, and the OpenAPI document against the service (issue 22, item 8) -------------------
+
+def test_404s_echo_only_a_short_prefix_of_long_ids_and_names(client):
+    job_id = "a" * 8192
+    for answer in (client.get(f"/jobs/{job_id}"), client.get(f"/jobs/{job_id}/result"),
+                   client.get(f"/jobs/{job_id}/checksums"), client.delete(f"/jobs/{job_id}")):
+        assert "job ids are 32 lowercase hex digits" in error_of(answer, 404)
+        assert len(answer.content) < 500 and "a" * 100 not in answer.text
+    family = "f" * 20_000
+    listing = client.get(f"/models/{family}")
+    assert "unknown model" in error_of(listing, 404) and FAMILY in listing.text
+    assert len(listing.content) < 500 and "f" * 100 not in listing.text
+    name = "f" * 100  # the longest name the request schema takes: its 404 echoes a shorter prefix still
+    for path, body in (("/counterfactual", {"shape": 1, "texture": 1, "background": 1, "model": name}),
+                       ("/counterfactual", {"shape": 1, "texture": 1, "background": 1, "version": name}),
+                       ("/generate/shape", {"label": 1, "version": name}),
+                       ("/jobs", {"n": 5, "model": name})):
+        answer = client.post(path, json=body)
+        error_of(answer, 404)
+        assert "f" * 81 not in answer.text and "…" in answer.text, answer.text
+
+
+def test_a_trailing_slash_is_a_404_never_a_redirect_that_reflects_the_host(stack):
+    for method, path, bare in (("GET", "/jobs/", "/jobs"), ("POST", "/jobs/", "/jobs"), ("GET", "/readyz/", "/readyz"),
+                               ("GET", "/models/", "/models"), ("GET", f"/jobs/{'0' * 32}/", f"/jobs/{'0' * 32}")):
+        status, headers, body = raw_request(stack.url, f"{method} {path} HTTP/1.1\r\nHost: evil.example\r\n"
+                                                       "Content-Length: 0\r\nConnection: close\r\n\r\n")
+        assert status == 404 and "location" not in headers, (method, path, status, headers)
+        assert headers["content-type"].startswith("application/json") and b"evil.example" not in body
+        message = json.loads(body)["error"]
+        assert f"no route {method} {path}" in message and f"no trailing slash: {bare})" in message, message
+    head = "GET /static HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n"
+    status, headers, _ = raw_request(stack.url, head)
+    assert status == 404 and "location" not in headers
+
+
+OPEN_ROUTES = ("/healthz", "/readyz", "/models", "/models/{family}", "/metrics")
+
+
+def test_openapi_declares_keys_as_enforced_and_text_for_metrics(client, limited):
+    spec = client.get("/openapi.json").json()  # a gateway without API keys
+    keyed = limited.get("/openapi.json").json()  # with keys, not for rendering (SKDCGN_API_KEYS_FOR_GENERATION=0)
+    for document in (spec, keyed):
+        assert "security" not in document  # no global requirement: each keyed operation declares its own
+        for path in OPEN_ROUTES:
+            assert "security" not in document["paths"][path]["get"], path
+        for path in ("/counterfactual", "/generate/{mechanism}"):
+            assert document["paths"][path]["post"]["security"] == [{"APIKey": []}, {}], path  # optional
+    for path, operations in keyed["paths"].items():
+        if path.startswith("/jobs"):
+            for method, operation in operations.items():
+                assert operation["security"] == [{"APIKey": []}], (method, path)  # required
+                assert spec["paths"][path][method]["security"] == [{"APIKey": []}, {}], (method, path)
+    cursor = next(p for p in spec["paths"]["/jobs"]["get"]["parameters"] if p["name"] == "cursor")
+    assert cursor["schema"]["pattern"] and cursor["schema"]["maxLength"] <= 100
+    metrics_ok = spec["paths"]["/metrics"]["get"]["responses"]["200"]
+    assert list(metrics_ok["content"]) == ["text/plain"], metrics_ok
+    answer = client.get("/metrics")
+    assert answer.status_code == 200 and answer.headers["content-type"].startswith("text/plain")

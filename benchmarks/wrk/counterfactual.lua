@@ -1,13 +1,17 @@
 -- wrk script of benchmarks/serving.py: POST /counterfactual with n = 1, and a JSON summary when the run ends.
 --
---   wrk -t2 -c32 -d10s --timeout 30s -s benchmarks/wrk/counterfactual.lua URL/counterfactual -- MODE MODEL SEED
+--   wrk -t2 -c32 -d10s --timeout 30s -s benchmarks/wrk/counterfactual.lua URL/counterfactual -- MODE MODEL SEED [COUNT]
 --
 -- MODE "miss": a fresh seed per request (SEED + thread id * 2^32 + a per-thread counter), so every request
 --   misses the batch cache; labels cycle with the seed.
 -- MODE "hit": the same body every request (seed SEED), which the caller has requested once beforehand.
+-- MODE "distinct": each request one of COUNT bodies, seeds SEED .. SEED + COUNT - 1, drawn uniformly at random
+--   per request (each thread its own random stream); the caller has requested all of them once beforehand, so
+--   every answer is a cache hit over COUNT distinct cached requests. The requests are formatted once, in `init`.
 -- The `response` hook counts statuses, 429 answers that carry Retry-After, and the X-Cache header; `done`
 -- prints one line "WRK_JSON {...}" with those counts, wrk's latency percentiles (microseconds) and errors.
--- Seeds stay below 2^53, so Lua's doubles hold them exactly.
+-- Seeds stay below 2^53, so Lua's doubles hold them exactly. benchmarks/serving.py's `request_body` writes the
+-- same bytes for a seed as `body_for` here.
 
 local threads = {}
 
@@ -22,9 +26,10 @@ local function body_for(seed)
 end
 
 function init(args)
-   mode, model, base = args[1], args[2], tonumber(args[3])
-   if (mode ~= "miss" and mode ~= "hit") or model == nil or base == nil then
-      error("usage: -- miss|hit MODEL SEED")
+   mode, model, base, count = args[1], args[2], tonumber(args[3]), tonumber(args[4] or "")
+   if (mode ~= "miss" and mode ~= "hit" and mode ~= "distinct") or model == nil or base == nil
+      or (mode == "distinct" and (count == nil or count < 1)) then
+      error("usage: -- miss|hit MODEL SEED, or -- distinct MODEL SEED COUNT")
    end
    counter = 0
    statuses, x_cache, retry_after = {}, {}, 0
@@ -32,12 +37,25 @@ function init(args)
    wrk.headers["Content-Type"] = "application/json"
    if mode == "hit" then
       fixed = wrk.format("POST", nil, nil, body_for(base))
+   elseif mode == "distinct" then
+      count = math.floor(count)
+      bodies = {}
+      for i = 0, count - 1 do
+         bodies[i + 1] = wrk.format("POST", nil, nil, body_for(base + i))
+      end
+      math.randomseed(1 + id)
+      for _ = 1, 10 do
+         math.random()  -- the first draws after seeding are poorly mixed on some Lua builds
+      end
    end
 end
 
 function request()
    if fixed then
       return fixed
+   end
+   if bodies then
+      return bodies[math.random(count)]
    end
    counter = counter + 1
    return wrk.format("POST", nil, nil, body_for(base + id * 4294967296 + counter))
