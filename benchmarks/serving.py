@@ -147,24 +147,31 @@ def summarise(raw: dict, concurrency: int) -> dict:
     return point
 
 
-def run_wrk(url: str, mode: str, model: str, seed: int, concurrency: int, duration_s: float, threads: int = 1,
-            timeout_s: float = 30.0, count: int | None = None) -> dict:
-    """wrk with the counterfactual script against url/counterfactual: `mode` "miss" (fresh seeds from `seed` on),
-    "hit" (the body of `seed`, every request) or "distinct" (one of the `count` bodies of seeds `seed` ..
-    `seed + count - 1`, drawn at random per request)."""
+def wrk_json(url: str, script: Path, script_args: list[str], concurrency: int, duration_s: float,
+             threads: int = 1, timeout_s: float = 30.0) -> dict:
+    """wrk with a Lua `script` (and its arguments) against url/counterfactual: the JSON its `done` hook prints."""
     check_loopback(url)
-    if mode == "distinct" and not count:
-        raise BenchmarkError("wrk's distinct mode needs the number of distinct bodies (count)")
     command = [wrk_path(), f"-t{max(1, min(threads, concurrency))}", f"-c{concurrency}", f"-d{duration_s:g}s",
-               "--timeout", f"{timeout_s:g}s", "-s", str(WRK_SCRIPT), f"{url.rstrip('/')}/counterfactual",
-               "--", mode, model, str(seed)] + ([str(count)] if mode == "distinct" else [])
+               "--timeout", f"{timeout_s:g}s", "-s", str(script), f"{url.rstrip('/')}/counterfactual",
+               "--", *script_args]
     try:
         run = subprocess.run(command, capture_output=True, text=True, timeout=duration_s + timeout_s + 60)
     except subprocess.TimeoutExpired as exc:
         raise BenchmarkError(f"wrk did not finish: {' '.join(command)}") from exc
     if run.returncode != 0:
         raise BenchmarkError(f"wrk exited with {run.returncode}: {run.stderr.strip()[-500:]}")
-    return summarise(parse_wrk(run.stdout), concurrency)
+    return parse_wrk(run.stdout)
+
+
+def run_wrk(url: str, mode: str, model: str, seed: int, concurrency: int, duration_s: float, threads: int = 1,
+            timeout_s: float = 30.0, count: int | None = None) -> dict:
+    """wrk with the counterfactual script: `mode` "miss" (fresh seeds from `seed` on), "hit" (the body of `seed`,
+    every request) or "distinct" (one of the `count` bodies of seeds `seed` .. `seed + count - 1`, drawn at random
+    per request)."""
+    if mode == "distinct" and not count:
+        raise BenchmarkError("wrk's distinct mode needs the number of distinct bodies (count)")
+    script_args = [mode, model, str(seed)] + ([str(count)] if mode == "distinct" else [])
+    return summarise(wrk_json(url, WRK_SCRIPT, script_args, concurrency, duration_s, threads, timeout_s), concurrency)
 
 
 def hit_body(model: str, seed: int) -> dict:

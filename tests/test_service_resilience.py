@@ -202,3 +202,26 @@ def test_heavy_png_clients_do_not_fail_a_small_one(stack):
         stack.stop_gateway(url)
     assert small_statuses and set(small_statuses) == {200}, small_statuses
     assert heavy_statuses and set(heavy_statuses) <= {200, 429}, sorted(set(heavy_statuses))
+
+
+def test_the_docker_healthcheck_reads_the_workers_hash(tmp_path, monkeypatch):
+    """`python -m workers.health`: healthy only while a worker of this host has a current heartbeat."""
+    import socket
+
+    from workers import health
+
+    stack = ServiceStack(tmp_path, models_dir=tmp_path)  # its Redis only
+    stack.start_redis()
+    try:
+        monkeypatch.setenv("SKDCGN_REDIS_URL", stack.env["SKDCGN_REDIS_URL"])
+        broker = stack.redis()
+        assert health.main() == 1  # nobody announced
+        now = redis_now(broker.time())
+        for host, expires_at, exit_code in (("elsewhere", now + 60, 1), (socket.gethostname(), now - 1, 1),
+                                            (socket.gethostname(), now + 60, 0)):
+            name = f"worker1@{host}:42"
+            broker.hset(WORKERS_KEY, name, json.dumps({"name": name, "expires_at": expires_at}))
+            assert health.main() == exit_code, (host, expires_at)
+            broker.hdel(WORKERS_KEY, name)
+    finally:
+        stack.stop()
