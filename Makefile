@@ -78,6 +78,7 @@ bench: install
 		if [ -f models/$$family/LATEST ]; then $(PY) -m benchmarks.models --family $$family || exit 1; fi; \
 	done
 	$(PY) -m benchmarks.serving $(if $(BENCH_URL),--url $(BENCH_URL),--start)
+	$(PY) -m benchmarks.soak $(if $(BENCH_URL),--url $(BENCH_URL))
 	$(PY) -m training.evaluation.generated write
 
 .PHONY: docs
