@@ -67,8 +67,8 @@ run: $(SERVE_VENV)/.installed
 # EVAL_ARGS adds options, e.g. EVAL_ARGS="--images 2000 --epochs 1 --seeds 0" (quick) or "--paper-scale".
 EVAL_ARGS ?=
 eval: install
-	$(PY) -m training.evaluate all $(EVAL_ARGS)
-	$(PY) -m training.evaluation.generated write
+	$(PY) -m experiments all $(EVAL_ARGS)
+	$(PY) -m experiments.generated write
 
 # Teacher vs students (parameters, MACs, images/s) for every shipped family, then the serving benchmark against
 # a service started for the run; BENCH_URL=http://127.0.0.1:8000 targets a running service instead.
@@ -79,11 +79,11 @@ bench: install
 	done
 	$(PY) -m benchmarks.serving $(if $(BENCH_URL),--url $(BENCH_URL),--start)
 	$(PY) -m benchmarks.soak $(if $(BENCH_URL),--url $(BENCH_URL))
-	$(PY) -m training.evaluation.generated write
+	$(PY) -m experiments.generated write
 
 .PHONY: docs
 # The figures about students are rendered, never typed: README's family table and headline numbers, the summary,
 # student and paper-scale blocks of docs/RESULTS.md (<!-- generated:NAME -->) and each shipped manifest's `targets`
 # block, from models/*/*/manifest.json and benchmarks/results/*.json. `make test` fails while one is stale.
 docs: install
-	$(PY) -m training.evaluation.generated write
+	$(PY) -m experiments.generated write

@@ -28,9 +28,10 @@ from benchmarks.models import (
 )
 from core.hashing import sha256_file
 from core.manifest import SCHEMA_VERSION, load_manifest, write_manifest
-from core.noise import MECHANISMS, NoiseSpec
+from core.noise import NoiseSpec
+from core.vocabulary import MECHANISMS
 from core.runtime import CPU, ModelRuntime
-from training.evaluation import report
+from reporting import report
 from training.export import export_students
 from training.students import StudentConfig, TinyGenerator
 from training.teachers import cgn_imagenet as cgn

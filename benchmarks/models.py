@@ -29,17 +29,17 @@ from torch import nn
 from benchmarks import host
 from core.compose import compose_samples
 from core.imageio import to_uint8
-from core.noise import MECHANISMS, NoiseSpec, draw_sample_noise
+from core.noise import NoiseSpec, draw_sample_noise
+from core.vocabulary import MECHANISMS
 from core.runtime import CPU, CUDA, ModelRuntime, execution_providers, open_session
 from core.settings import Paths
-from training.evaluation import report
-from training.evaluation.sources import teacher_for_family
-from training.plots import save_figure
+from reporting import report
+from reporting.plots import save_figure
+from reporting.targets import TARGETS
 from training.export import FusedStudents, check_parity, export_graph
-from training.evaluation.targets import TARGETS
 from training.package import student_configs
 from training.students import TinyGenerator
-from training.teachers import load_teacher
+from training.teachers import load_teacher, teacher_for_family
 
 BATCHES = (1, 64, 256)  # the defaults of --batches
 OUTPUT_NAMES = {"shape": "mask", "texture": "texture", "background": "background"}
@@ -301,7 +301,7 @@ def run(args: argparse.Namespace) -> dict:
 
 def speedups(timings: dict, batch: int, target: float | None, fused_rounds: dict | None = None) -> dict:
     """Student over teacher images/s at `batch`, both through onnxruntime on CPU, per mechanism; the family's
-    target (training/evaluation/targets.py) is judged on the fused graph, the one the service runs: on each
+    target (reporting/targets.py) is judged on the fused graph, the one the service runs: on each
     engine's fastest alternating round when there are any, else on the single pass of the table."""
     teacher, student = timings.get("teacher/onnxruntime-cpu", {}), timings.get("student/onnxruntime-cpu", {})
     out = {}

@@ -61,12 +61,13 @@ from core.compose import compose_samples
 from core.imageio import to_uint8
 from core.manifest import ManifestError, latest_version
 from core.messages import INTERACTIVE_QUEUE
-from core.noise import MECHANISMS, draw_sample_noise
+from core.noise import draw_sample_noise
+from core.vocabulary import ENDED_STATES, MECHANISMS
 from core.runtime import ModelRuntime
 from core.settings import Settings
 from service.run_local import free_port
-from training.evaluation import report
-from training.plots import save_figure
+from reporting import report
+from reporting.plots import save_figure
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 WRK_SCRIPT = Path(__file__).resolve().parent / "wrk" / "counterfactual.lua"
@@ -77,7 +78,7 @@ DISTINCT = 10_000  # distinct cached bodies of the hit_distinct and minimal_dist
 WARM_CONCURRENCY = 32  # concurrent n = 1 requests that put the distinct bodies in the cache beforehand
 MINIMAL_TTL_S = 3600  # the minimal endpoint's keys expire even if a run dies before deleting them
 JSON_HEADERS = {"Content-Type": "application/json"}
-FINAL_STATES = {"succeeded", "failed", "cancelled"}
+FINAL_STATES = set(ENDED_STATES)
 PERCENTILES = {"p50_ms": "50", "p90_ms": "90", "p99_ms": "99", "p999_ms": "99.9"}
 PLOT_NAME = "serving_concurrency.png"
 
@@ -446,13 +447,12 @@ def start_service(models_dir: str, logs: Path, threads: int,
     return process, f"http://127.0.0.1:{port}", redis_url, cache_url
 
 
-def start_minimal(cache_url: str, logs: Path) -> tuple[subprocess.Popen, str]:
-    """benchmarks/minimal_endpoint.py under uvicorn on a free port, reading `cache_url`."""
+def start_healthy(module: str, args: list[str], env: dict[str, str], log: Path) -> tuple[subprocess.Popen, str]:
+    """`python -m module --port <free> args...` from the repository, healthy (GET /healthz) when it returns."""
     port = free_port()
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
-    process = subprocess.Popen([sys.executable, "-m", "benchmarks.minimal_endpoint", "--port", str(port),
-                                "--redis-url", cache_url], cwd=REPO_ROOT, env=env,
-                               stdout=open(logs / "minimal_endpoint.log", "ab"), stderr=subprocess.STDOUT)
+    env = dict(env, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
+    process = subprocess.Popen([sys.executable, "-m", module, "--port", str(port), *args], cwd=REPO_ROOT, env=env,
+                               stdout=open(log, "ab"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url, 60, process)
@@ -460,27 +460,21 @@ def start_minimal(cache_url: str, logs: Path) -> tuple[subprocess.Popen, str]:
         stop_process(process)
         raise
     return process, url
+
+
+def start_minimal(cache_url: str, logs: Path) -> tuple[subprocess.Popen, str]:
+    """benchmarks/minimal_endpoint.py under uvicorn on a free port, reading `cache_url`."""
+    return start_healthy("benchmarks.minimal_endpoint", ["--redis-url", cache_url], dict(os.environ),
+                         logs / "minimal_endpoint.log")
 
 
 def start_gateway(models_dir: str, redis_url: str, cache_url: str, logs: Path,
                   settings: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
     """One more gateway process (`python -m service`) on a free port over the same Redis, cache and workers, with
     SKDCGN_* `settings` (e.g. {"MAX_IN_FLIGHT": "64"}) on top of this environment; healthy when it returns."""
-    port = free_port()
     env = dict(os.environ, SKDCGN_MODELS_DIR=str(Path(models_dir).resolve()), SKDCGN_REDIS_URL=redis_url,
-               SKDCGN_CACHE_URL=cache_url,
-               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
-               **{f"SKDCGN_{name}": str(value) for name, value in (settings or {}).items()})
-    process = subprocess.Popen([sys.executable, "-m", "service", "--port", str(port)],
-                               cwd=REPO_ROOT, env=env, stdout=open(logs / f"gateway-{port}.log", "ab"),
-                               stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(url, 60, process)
-    except BenchmarkError:
-        stop_process(process)
-        raise
-    return process, url
+               SKDCGN_CACHE_URL=cache_url, **{f"SKDCGN_{name}": str(value) for name, value in (settings or {}).items()})
+    return start_healthy("service", [], env, logs / "gateway-overload.log")
 
 
 def stop_process(process: subprocess.Popen) -> None:

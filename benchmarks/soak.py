@@ -1,7 +1,7 @@
 """Soak benchmark: the service under mixed `wrk` load for --minutes, measured minute by minute.
 
 Why: probes of ten seconds passed while the service decayed with the state it accumulated (issue 22: 707 → 152
-requests/s within four minutes, a cache that could take the broker's memory). Load from benchmarks/wrk/soak.lua at
+requests/s within four minutes, a cache that could take the broker's memory). Load from benchmarks/wrk/counterfactual.lua (its mixed mode) at
 concurrency 32: ~70 % cache hits over 10,000 distinct bodies (each requested once through the service beforehand),
 ~30 % fresh seeds, and one dataset job a minute submitted from here and polled to its end. wrk runs in one-minute
 segments; after each: throughput, p50/p99, non-2xx, gateway and worker RSS, broker and cache Redis memory and keys.
@@ -34,7 +34,7 @@ import redis
 
 from benchmarks import host
 from benchmarks.serving import (
-    FINAL_STATES, BenchmarkError, check_loopback, request_body, run_job, summarise, warm, wrk_json, wrk_path,
+    FINAL_STATES, WRK_SCRIPT, BenchmarkError, check_loopback, request_body, run_job, summarise, warm, wrk_json, wrk_path,
     wrk_version,
 )
 from core.manifest import ManifestError, latest_version
@@ -43,10 +43,9 @@ from service.run_local import (
     READY_TIMEOUT_S, RESTART_DELAY_S, StartupError, free_port, http_status, redis_answers, service_env, start_gateway,
     start_redis, start_worker, stop, wait_until,
 )
-from training.evaluation import report
-from training.plots import save_figure
+from reporting import report
+from reporting.plots import save_figure
 
-WRK_SCRIPT = Path(__file__).resolve().parent / "wrk" / "soak.lua"
 MINUTES = 30.0
 SEGMENT_S = 60  # one wrk run, one sample and one job per segment
 CONCURRENCY = 32
@@ -329,7 +328,8 @@ def soak(service: Service, model: str, minutes: float = MINUTES, concurrency: in
             for minute, seconds in enumerate(plan):
                 offset = time.time() - started
                 jobs.submit(minute, offset)
-                raw = wrk_json(service.url, WRK_SCRIPT, [model, str(run_seed), str(distinct), str(hit_share),
+                raw = wrk_json(service.url, WRK_SCRIPT, ["mixed", model, str(run_seed), str(distinct),
+                                                         str(hit_share),
                                                          str(run_seed + (minute + 1) * MISS_STRIDE)],
                                concurrency, seconds, wrk_threads, wrk_timeout_s)
                 for into, counts in ((ok_by_second, raw["ok_by_second"]), (other_by_second, raw["other_by_second"])):

@@ -24,14 +24,13 @@ from client.errors import (
     ChecksumMismatch, ConnectionFailed, JobCancelled, JobFailed, SkdcgnError, WaitTimeout, api_error,
 )
 from core.settings import ClientSettings
+from core.vocabulary import CANCELLED, ENDED_STATES, FAILED, MECHANISMS, SUCCEEDED
 
 RETRY_STATUSES = (429, 503)
 CONNECT_RETRIES = 2  # a refused connection is tried again twice (0.2 s, 0.4 s): a service restarting, not one down
 DEFAULT_RETRY_AFTER_S = 1.0
 PART_SUFFIX = ".part"  # an unfinished download: resumed from its size, renamed once its sha256 checks out
 CHUNK_BYTES = 1 << 16
-MECHANISMS = ("shape", "texture", "background")
-ENDED = ("succeeded", "failed", "cancelled")
 
 
 # --- values --------------------------------------------------------------------------------------------------------
@@ -124,11 +123,11 @@ class Job:
 
     @property
     def ended(self) -> bool:
-        return self.state in ENDED
+        return self.state in ENDED_STATES
 
     @property
     def succeeded(self) -> bool:
-        return self.state == "succeeded"
+        return self.state == SUCCEEDED
 
 
 @dataclass(frozen=True)
@@ -328,9 +327,9 @@ class _Operations:
                 status = yield from self._op_status(status.id)
         finally:
             bar.close()
-        if status.state == "failed":
+        if status.state == FAILED:
             raise JobFailed(status, status.error or "no error recorded")
-        if status.state == "cancelled":
+        if status.state == CANCELLED:
             raise JobCancelled(status, "cancelled before it succeeded")
         return status
 

@@ -19,11 +19,10 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from core.vocabulary import FORMATS, JOB_STATES, MECHANISMS
+
 OK, FAILED, USAGE = 0, 1, 2
 USAGE_STATUSES = (400, 404, 405, 413, 415, 422)  # the request was wrong, not the server
-JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
-FORMATS = ("npz", "png", "webdataset")
-MECHANISMS = ("shape", "texture", "background")
 DELEGATED = ("distill", "serve")  # their arguments (and --help) belong to the command they run
 
 

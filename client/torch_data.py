@@ -21,7 +21,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
-MECHANISMS = ("shape", "texture", "background")
+from core.vocabulary import MECHANISMS
+
 TARGETS = (*MECHANISMS, "labels")
 PathLike = Union[str, os.PathLike]
 

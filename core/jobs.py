@@ -1,4 +1,5 @@
-"""Dataset jobs as the gateway and the workers both see them: states, Redis keys, transitions and file layout.
+"""Dataset jobs as the gateway and the workers both see them: Redis keys, transitions between the states of
+core.vocabulary, and file layout.
 
 A job is stored once, as a Redis hash (`skdcgn:job:<id>`) holding its status fields and its `JobSpec` as JSON;
 chunk messages name only the job and the chunk. Every state change goes through one Lua script, so a job ends
@@ -22,11 +23,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
-ACTIVE_STATES = (QUEUED, RUNNING)
-ENDED_STATES = (SUCCEEDED, FAILED, CANCELLED)
-FORMATS = ("npz", "png", "webdataset")
-TAR_FORMATS = ("png", "webdataset")  # results in tar shards of `shard_size` samples
+from core.vocabulary import ACTIVE_STATES, ENDED_STATES, QUEUED, RUNNING, TAR_FORMATS
+
 PROVENANCE_NAME = "provenance.json"  # a webdataset job's provenance, beside its shards (inside for npz and png)
 CHECKSUMS_NAME = "SHA256SUMS"  # a webdataset job's shard and provenance checksums, in `sha256sum -c` format
 JOB_ID_PATTERN = re.compile(r"^[0-9a-f]{32}$")  # uuid4().hex

@@ -13,7 +13,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-MECHANISMS = ("shape", "texture", "background")
+from core.vocabulary import MECHANISMS
+
 LABEL_STREAM = 1
 
 

@@ -15,7 +15,8 @@ import numpy as np
 import onnxruntime as ort
 
 from core.manifest import load_manifest, manifest_sha256, resolve_version, verify_files
-from core.noise import MECHANISMS, NoiseSpec
+from core.noise import NoiseSpec
+from core.vocabulary import MECHANISMS
 
 CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
 # A one-node graph (Relu of a float[1]), serialized: opening it on CUDA proves the provider starts on this machine.

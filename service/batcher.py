@@ -19,7 +19,8 @@ import uuid
 
 from core.messages import RENDER_TASK, RenderBatch, RenderReply, RenderRequest
 from core.settings import Settings
-from service.broker import Broker, ServiceError
+from service.broker import Broker
+from service.errors import ServiceError
 from service.metrics import GatewayMetrics
 
 Waiting = tuple[RenderRequest, asyncio.Future]

@@ -35,14 +35,7 @@ from core.messages import (
     QUEUES, STATS_KEY, TASK_QUEUES, WORKERS_KEY, BatchReply, live_heartbeats, redis_now, reply_key,
 )
 from core.settings import Settings
-
-
-class ServiceError(Exception):
-    """An answer other than 2xx, with a message the caller can act on."""
-
-    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.message, self.headers = status, message, headers or {}
+from service.errors import ServiceError
 
 
 def redis_location(url: str) -> str:

@@ -14,7 +14,8 @@ from core.manifest import (
     LATEST_NAME, MANIFEST_NAME, ManifestError, VersionNotFound, latest_version, list_families, list_versions,
     load_manifest, manifest_sha256, resolve_version,
 )
-from service.limits import clip
+from core.vocabulary import MECHANISMS, label_names
+from service.errors import clip
 
 
 class UnknownModel(LookupError):
@@ -43,6 +44,16 @@ class ResolvedModel:
     @property
     def noise_dim(self) -> int:
         return int(self.manifest["noise"]["dim"])
+
+
+def names_by_mechanism(family: str, manifest: dict) -> dict[str, list[str]]:
+    """The names of the labels of each mechanism whose labels are colours or textures rather than the classes of
+    `labels.names` (MNIST families: texture and background), from core.vocabulary. The manifests keep the names they
+    shipped with: their checksum is part of every cache key."""
+    count = int(manifest["labels"]["count"])
+    named = {mechanism: label_names(family, mechanism, count) for mechanism in MECHANISMS
+             if mechanism in manifest["mechanisms"]}
+    return {mechanism: names for mechanism, names in named.items() if names is not None}
 
 
 def _signature(path: Path) -> tuple | None:
@@ -112,6 +123,7 @@ class ModelCatalog:
                 "teacher": manifest["teacher"],
                 "image_size": manifest["image_size"],
                 "labels": manifest["labels"],
+                "label_names": names_by_mechanism(family, manifest),
                 "noise": manifest["noise"],
                 "texture_shuffle": manifest["texture_shuffle"],
                 "mechanisms": list(manifest["mechanisms"]),

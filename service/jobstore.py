@@ -19,12 +19,12 @@ from pathlib import Path
 import redis.asyncio as aioredis
 
 from core.jobs import (
-    CANCELLED, JOB_ID_PATTERN, JOBS_ENDED_KEY, QUEUED, SUCCEEDED, JobSpec, discard_chunks, discard_job_files, done_samples,
-    end_args, job_chunks_key, job_key, job_rate_key, jobs_index_key, parse_files, recorded_progress,
+    JOB_ID_PATTERN, JOBS_ENDED_KEY, JobSpec, discard_chunks, discard_job_files, done_samples, end_args, job_chunks_key,
+    job_key, job_rate_key, jobs_index_key, parse_files, recorded_progress,
 )
 from core.messages import STATS_KEY
-from service.broker import ServiceError
-from service.limits import clip
+from core.vocabulary import CANCELLED, QUEUED, SUCCEEDED
+from service.errors import ServiceError, clip
 
 logger = logging.getLogger(__name__)
 CURSOR_PATTERN = re.compile(r"^(\d+):([0-9a-f]{32})$")  # "<created epoch ms>:<id>" of the last job of a page

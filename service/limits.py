@@ -1,14 +1,12 @@
-"""What the gateway refuses before an endpoint runs, and the one shape of every error it sends.
+"""What the gateway refuses before an endpoint runs: bodies over the size limit, and POST bodies that are not JSON.
 
-Every answer other than 2xx has the body `{"error": "<what was wrong and what is valid>"}`, with a `detail`
-list after it for a 422. `BodyLimit` is pure ASGI middleware (no BaseHTTPMiddleware, so nothing buffers the
-body first): it answers 413 on a Content-Length over the limit before a byte of the body is read, and counts
-the bytes of chunked or streamed bodies as they arrive. `json_bodies` is a dependency of every route: a POST
-body must be JSON (415 otherwise).
+`BodyLimit` is pure ASGI middleware (no BaseHTTPMiddleware, so nothing buffers the body first): it answers 413 on
+a Content-Length over the limit before a byte of the body is read, and counts the bytes of chunked or streamed
+bodies as they arrive. `json_bodies` is a dependency of every route: a POST body must be JSON (415 otherwise).
+Both answer in the one error shape (service.errors).
 """
 from __future__ import annotations
 
-import json
 from email.message import Message
 
 from starlette.datastructures import Headers
@@ -16,30 +14,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.broker import ServiceError
-
-ECHO_CHARS = 80  # an error message or a 422 detail never repeats more of the client's input than this
-
-
-def clip(value, limit: int = ECHO_CHARS) -> str:
-    """`value` as text, cut to `limit` characters (with an ellipsis) so an error never echoes a whole input."""
-    text = value if isinstance(value, str) else str(value)
-    return text if len(text) <= limit else text[:limit] + "…"
-
-
-def error_response(status: int, message: str, headers: dict[str, str] | None = None,
-                   detail: list | None = None) -> JSONResponse:
-    """The one error body of the gateway: {"error": ...}, and `detail` where there is one."""
-    body = {"error": message} if detail is None else {"error": message, "detail": detail}
-    return JSONResponse(body, status_code=status, headers=headers)
-
-
-def human_size(size: int) -> str:
-    """A size in bytes for people: KiB under a MiB, MiB under a GiB, else GiB."""
-    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20)):
-        if size >= scale:
-            return f"{size / scale:.1f} {unit}"
-    return f"{size / 1024:.1f} KiB"
+from service.errors import ServiceError, clip, error_response, human_size
 
 
 class BodyTooLarge(Exception):
@@ -119,11 +94,3 @@ async def json_bodies(request: Request) -> None:
         raise ServiceError(415, f"{request.method} {clip(request.url.path)} takes a JSON body: send it with "
                                 f"Content-Type: application/json (got {got})")
 
-
-def short_json(value) -> object:
-    """A 422 detail's `input`: the value itself when its JSON is short, else a clipped text of it."""
-    try:
-        text = json.dumps(value, allow_nan=False)
-    except (TypeError, ValueError):
-        return clip(repr(value))
-    return value if len(text) <= ECHO_CHARS else clip(text)

@@ -10,8 +10,10 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from core.vocabulary import ENDED_STATES
+
 disable_created_metrics()  # no `_created` series beside every counter and histogram
-JOB_EVENTS = ("submitted", "succeeded", "failed", "cancelled")
+JOB_EVENTS = ("submitted", *ENDED_STATES)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 

@@ -14,10 +14,12 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model
 
 from core.compose import MODIFIER_FIELDS
 from core.settings import Settings
+from core.vocabulary import FORMATS, JOB_STATES, MECHANISMS
 
-Mechanism = Literal["shape", "texture", "background"]
-JobFormat = Literal["npz", "png", "webdataset"]
-JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+# The vocabulary's tuples as pydantic types (Literal[tuple] is Literal of its items, in order: the OpenAPI enums).
+Mechanism = Literal[MECHANISMS]
+JobFormat = Literal[FORMATS]
+JobState = Literal[JOB_STATES]
 SEED_MAX = 2**63 - 1
 FLOAT32_MAX = 3.4028235e38
 NAME_MAX = 100  # characters of a model family or version name
@@ -84,13 +86,13 @@ class MechanismRequest(ModelChoice):
     return_noise: bool = Field(False, description="also return the z actually used")
 
 
-class LabelChoices(Strict):
-    """Labels a job may draw per mechanism; null means every label of the model. A list holds at most the model's
-    label count of labels; duplicates are dropped."""
-
-    shape: Optional[list[int]] = Field(None, min_length=1)
-    texture: Optional[list[int]] = Field(None, min_length=1)
-    background: Optional[list[int]] = Field(None, min_length=1)
+# One optional list per mechanism (the line break of the description is the OpenAPI document's, kept as it was).
+LabelChoices = create_model(
+    "LabelChoices", __base__=Strict, __doc__="Labels a job may draw per mechanism; null means every label of the "
+                                             "model. A list holds at most the model's\nlabel count of labels; "
+                                             "duplicates are dropped.",
+    **{mechanism: (Optional[list[int]], Field(None, min_length=1)) for mechanism in MECHANISMS},
+)
 
 
 class JobRequest(ModelChoice):

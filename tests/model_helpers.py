@@ -33,7 +33,8 @@ def tiny_model_repo(root: Path, family: str = FAMILY, version: str = "tiny") -> 
 
     from core.hashing import sha256_file
     from core.manifest import SCHEMA_VERSION, set_latest, write_manifest
-    from core.noise import MECHANISMS, NoiseSpec
+    from core.noise import NoiseSpec
+    from core.vocabulary import MECHANISMS
     from training.export import export_students
     from training.students import StudentConfig, TinyGenerator
 

@@ -26,7 +26,8 @@ from benchmarks import host
 from benchmarks import minimal_endpoint
 from benchmarks import models as model_bench
 from benchmarks import serving
-from core.noise import MECHANISMS, NoiseSpec
+from core.noise import NoiseSpec
+from core.vocabulary import MECHANISMS
 from tests.model_helpers import FAMILY
 from tests.paths import SHARED, needs_shared
 from training.teachers import load_teacher

@@ -78,6 +78,73 @@ def test_environment_settings_are_read_only_in_core_settings():
     assert not offenders
 
 
+def test_the_vocabulary_is_spelt_once_in_core_with_the_standard_library_only():
+    """Mechanisms, job states and formats: named once, in core/vocabulary.py, which the client can import (as it
+    can core/settings.py: both need nothing beyond the standard library)."""
+    names = {"MECHANISMS", "JOB_STATES", "ACTIVE_STATES", "ENDED_STATES", "FORMATS", "TAR_FORMATS", "QUEUED", "RUNNING",
+             "SUCCEEDED", "CANCELLED"}
+    defined = sorted(f"{path.relative_to(REPO_ROOT)}:{target.id}" for path in python_files(*PACKAGES[:-1], "client")
+                     for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.Assign)
+                     for item in node.targets for target in (item.elts if isinstance(item, ast.Tuple) else [item])
+                     if isinstance(target, ast.Name) and target.id in names)
+    assert {entry.split(":")[0] for entry in defined} == {"core/vocabulary.py"}, defined
+    for module in ("vocabulary", "settings"):
+        imported = {name.split(".")[0] for name in imported_modules(REPO_ROOT / "core" / f"{module}.py")}
+        assert imported <= set(sys.stdlib_module_names) | {"__future__"}, (module, imported)
+
+
+def test_each_setting_is_written_once_with_its_variable():
+    from dataclasses import fields
+
+    from core.settings import ClientSettings
+
+    read = [item.metadata.get("variable") for cls in (Paths, Settings, ClientSettings) for item in fields(cls)
+            if item.name != "paths"]
+    assert all(read) and len({variable.name for variable in read}) == len(read)
+
+
+@pytest.mark.parametrize("variable, value, message", [
+    ("MAX_N", "0", "SKDCGN_MAX_N='0' must be at least 1"),
+    ("SYNC_TIMEOUT_S", "soon", "SKDCGN_SYNC_TIMEOUT_S='soon' is not a valid float"),
+    ("REQUIRE_GPU", " Maybe", "SKDCGN_REQUIRE_GPU='maybe' is not a flag: use 1 or 0"),
+    ("LOG_FORMAT", "xml", "SKDCGN_LOG_FORMAT='xml': use one of text, json"),
+    ("CACHE_MAX_MEMORY", "lots", "SKDCGN_CACHE_MAX_MEMORY='lots' is not a memory size: use e.g. 256mb or 2gb"),
+])
+def test_a_setting_the_service_cannot_use_is_refused_naming_it(monkeypatch, variable, value, message):
+    from core.settings import SettingsError
+
+    monkeypatch.setenv(f"SKDCGN_{variable}", value)
+    with pytest.raises(SettingsError) as refused:
+        Settings.from_env()
+    assert str(refused.value) == message
+
+
+def test_settings_read_their_variables(monkeypatch):
+    from dataclasses import fields
+
+    from core.settings import ClientSettings, SettingsError
+
+    for item in fields(Settings) + fields(ClientSettings):
+        if "variable" in item.metadata:
+            monkeypatch.delenv(f"SKDCGN_{item.metadata['variable'].name}", raising=False)
+    assert Settings.from_env() == Settings(paths=Paths.from_env())
+    assert ClientSettings.from_env() == ClientSettings()
+    monkeypatch.setenv("SKDCGN_REDIS_URL", "redis://broker:6379/1")
+    monkeypatch.setenv("SKDCGN_API_KEYS", " a, b,,a ")
+    monkeypatch.setenv("SKDCGN_BATCH_WINDOW_MS", "2.5")
+    settings = Settings.from_env()
+    assert settings.cache_url == settings.redis_url == "redis://broker:6379/1"  # the cache is the broker's unless set
+    assert settings.api_keys == {"a", "b"} and settings.batch_window_ms == 2.5
+    monkeypatch.setenv("SKDCGN_CACHE_URL", "redis://cache:6379/0")
+    assert Settings.from_env().cache_url == "redis://cache:6379/0"
+    monkeypatch.setenv("SKDCGN_URL", " https://skdcgn.example/ ")
+    monkeypatch.setenv("SKDCGN_API_KEY", "  ")
+    assert ClientSettings.from_env() == ClientSettings(url="https://skdcgn.example", api_key=None)
+    monkeypatch.setenv("SKDCGN_URL", "skdcgn.example")
+    with pytest.raises(SettingsError, match="SKDCGN_URL='skdcgn.example' is not an http:// or https:// URL"):
+        ClientSettings.from_env()
+
+
 def test_the_old_data_dir_variable_still_works_with_a_warning(monkeypatch, tmp_path):
     monkeypatch.delenv("SKDCGN_JOBS_DIR", raising=False)
     monkeypatch.delenv("SKDCGN_MNIST_DIR", raising=False)

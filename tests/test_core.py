@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from core import atomic, compose, imageio, manifest, noise
-from core.metrics import mask_iou, mean_l1, psnr
+from core.fidelity import mask_iou, mean_l1, psnr
+from core.vocabulary import MECHANISMS
 
 
 def test_compose_known_values():
@@ -43,14 +44,14 @@ def test_sample_noise_is_per_index_and_ordered():
     a = noise.draw_sample_noise(7, 3, spec, 32)
     b = noise.draw_sample_noise(7, 3, spec, 32)
     c = noise.draw_sample_noise(7, 4, spec, 32)
-    for name in noise.MECHANISMS:
+    for name in MECHANISMS:
         np.testing.assert_array_equal(a.z[name], b.z[name])
         assert not np.array_equal(a.z[name], c.z[name])
     assert not np.array_equal(a.z["shape"], a.z["texture"])  # fresh noise per mechanism on MNIST
     # The contract's order: z for shape, texture, background, then the offsets.
     rng = noise.sample_stream(7, 3)
     expected = [rng.standard_normal(32).astype(np.float32) for _ in range(3)]
-    for name, values in zip(noise.MECHANISMS, expected):
+    for name, values in zip(MECHANISMS, expected):
         np.testing.assert_array_equal(a.z[name], values)
     assert tuple(rng.integers(0, 32, size=4)) == a.shift_texture + a.shift_background
     # Modifier draws come last, so asking for them leaves z and offsets unchanged.

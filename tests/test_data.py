@@ -225,6 +225,19 @@ def test_palette():
         data.PALETTE[0, 0] = 0.5
 
 
+def test_the_colours_the_playground_names_are_the_colours_painted():
+    """core.vocabulary names double-coloured label k's digit and background colour: the names are the colours."""
+    from PIL import ImageColor
+
+    from core.vocabulary import LABEL_NAMES
+
+    names = LABEL_NAMES["double_colored_mnist"]
+    for mechanism, palette in (("texture", data.DIGIT_PALETTE), ("background", data.PALETTE)):
+        for k, name in enumerate(names[mechanism]):
+            colour = "#b03060" if name == "maroon" else name  # X11's maroon; CSS's is #800000
+            np.testing.assert_array_equal(np.float32(ImageColor.getrgb(colour)) / np.float32(255), palette[k])
+
+
 @needs_mnist
 def test_double_colored_train_colours_follow_the_label(digits):
     images, labels = digits[0][:1000], digits[1][:1000]
@@ -311,6 +324,15 @@ def test_textures_load(textures):
     with Image.open(next((TEXTURE_DIR / "object").glob("4_*.jpg"))) as image:
         expected = np.asarray(image.convert("RGB").resize((150, 150), Image.NEAREST)) / 255
     np.testing.assert_allclose(textures["object"][4], expected, atol=1e-6)
+
+
+@needs_textures
+def test_each_texture_the_playground_names_is_the_file_of_its_label():
+    from core.vocabulary import WILDLIFE_BACKGROUNDS, WILDLIFE_TEXTURES
+
+    for kind, table in (("object", WILDLIFE_TEXTURES), ("background", WILDLIFE_BACKGROUNDS)):
+        files = sorted(path.stem for path in (TEXTURE_DIR / kind).glob("*.jpg"))
+        assert files == [f"{k}_{stem}" for k, (_, stem) in enumerate(table)]
 
 
 def test_missing_textures_name_the_path(tmp_path):

@@ -12,15 +12,15 @@ from core.noise import NoiseSpec
 from core.runtime import ModelRuntime
 from tests.model_helpers import FAMILY
 from tests.paths import SHARED, needs_shared
-from training import evaluate
+from experiments import evaluate
 from training.data import DIGIT_PALETTE, PALETTE
-from training.evaluation import report
-from training.evaluation.classifier import SmallCNN
+from reporting import report
+from experiments.classifier import SmallCNN
 from core.compose import PAPER_STUDY
-from training.evaluation.counterfactuals import counterfactual_dataset, draw
-from training.evaluation.fidelity import class_means, evaluate_fidelity, label_palettes, nearest_colour
-from training.evaluation.invariance import real_splits
-from training.evaluation.sources import Source, student_source
+from experiments.counterfactuals import counterfactual_dataset, draw
+from experiments.fidelity import class_means, evaluate_fidelity, label_palettes, nearest_colour
+from experiments.invariance import real_splits
+from experiments.sources import Source, student_source
 
 
 def fake_source(offset: float = 0.0) -> Source:

@@ -1,6 +1,6 @@
 """Figures about students are rendered, never typed: README.md's and docs/RESULTS.md's generated blocks, the
 manifests' `targets` blocks and the evaluation and benchmark sections must say what the committed manifests and
-result JSON say now (`python -m training.evaluation.generated write` rewrites the blocks)."""
+result JSON say now (`python -m experiments.generated write` rewrites the blocks)."""
 from __future__ import annotations
 
 import copy
@@ -9,13 +9,13 @@ import json
 import pytest
 
 from tests.paths import REPO
-from training.evaluation import generated
-from training.evaluation.targets import assess, targets_block
+from experiments import generated
+from reporting.targets import assess, targets_block
 
 
 def test_committed_blocks_match_the_manifests_and_results():
     found = generated.problems(REPO)
-    assert not found, ("stale figures; run `python -m training.evaluation.generated write` (and for results: "
+    assert not found, ("stale figures; run `python -m experiments.generated write` (and for results: "
                        "sections the evaluation or benchmark that writes them):\n" + "\n".join(found))
 
 
@@ -85,3 +85,35 @@ def test_a_superseded_version_keeps_the_speed_it_was_measured_at():
     fresh = copy.deepcopy(shipped("colored_mnist"))
     fresh.pop("targets", None)  # never benchmarked: nothing to keep
     assert next(c for c in targets_block(fresh, newer)["checks"] if c["name"] == "fused speed")["measured"] is None
+
+
+def test_check_covers_the_paper_sections(tmp_path):
+    """A paper section (claims, Table 1, ...) edited by hand, or left behind by its JSON, is drift."""
+    import shutil
+
+    for folder in ("models", "benchmarks/results", "docs"):
+        shutil.copytree(REPO / folder, tmp_path / folder)
+    shutil.copy(REPO / "README.md", tmp_path / "README.md")
+    before = [p for p in generated.problems(tmp_path) if "paper-" in p]
+    results = tmp_path / "docs" / "RESULTS.md"
+    text = results.read_text()
+    start = text.index("<!-- results:paper-claims -->")
+    results.write_text(text[:start] + text[start:].replace("| yes", "| no", 1))
+    after = [p for p in generated.problems(tmp_path) if "paper-" in p]
+    assert before == [] and after == ["docs/RESULTS.md results:paper-claims: differs from its JSON; rerun `python -m "
+                                      "experiments render` (fidelity, invariance, paper) or the benchmark that writes it"]
+
+
+def test_cgn_table2_verdict_is_per_family_and_paper_scale_only():
+    from experiments import paper_report
+
+    def doc(teacher):
+        return {"settings": {paper_report.ORIGINAL_PLUS_CF: {"arms": {"teacher": {
+            "runs": [{"seed": 0}], "test_accuracy": {"mean": teacher, "std": 0.0}}}}}}
+    _, _, verdict = paper_report.claim_original_plus_cf(
+        {"double_colored_mnist": doc(84.5), "wildlife_mnist": doc(81.9)},
+        {"double_colored_mnist": doc(88.8), "wildlife_mnist": None})
+    assert verdict == ("double-coloured: yes (within 2 points of 89 at paper scale); "
+                       "wildlife: not run at paper scale (81.9 vs 85.7 at default scale)")
+    assert paper_report.students_of({"a": {"sources": {"student": "student:wildlife_mnist/v1", "teacher": "teacher:x"}}},
+                                    None) == "`wildlife_mnist/v1`"

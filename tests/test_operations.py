@@ -36,7 +36,8 @@ IMAGES = {
     "Dockerfile.worker-cpu": ("worker-cpu", "3.11", {"core", "workers"}),
     "Dockerfile.worker": ("worker-gpu", "3.12", {"core", "workers"}),
 }
-CODE = {"core", "service", "workers", "training", "benchmarks", "client", "pyproject.toml", "README.md", "."}
+CODE = {"core", "service", "workers", "training", "benchmarks", "client", "experiments", "reporting", "pyproject.toml",
+        "README.md", "."}
 CUDA_WORKS = cuda_failure() is None
 
 

@@ -1,4 +1,4 @@
-"""The SKDCGN paper's experiments, tiny: each subcommand of training/evaluate.py end to end on the real teacher and
+"""The SKDCGN paper's experiments, tiny: each subcommand of experiments/evaluate.py end to end on the real teacher and
 untrained students (a few dozen images, one epoch, a few GAN steps), checking the plumbing, not the numbers;
 run reuse across experiments; the §4.2 baseline's losses, resume and placement of the RESULTS.md sections."""
 from __future__ import annotations
@@ -12,9 +12,9 @@ import torch
 from core.compose import UNMODIFIED
 from tests.model_helpers import FAMILY
 from tests.paths import SHARED, needs_shared
-from training import baseline_cgn, evaluate
-from training.evaluation import paper, paper_report, report
-from training.evaluation.classifier import SmallCNN
+from experiments import baseline_cgn, evaluate, paper, paper_report
+from reporting import report
+from experiments.classifier import SmallCNN
 
 
 def write(path, payload):

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from core.vocabulary import LABEL_NAMES
 from tests.paths import REPO
 
 CHROMIUM = "/usr/bin/chromium"
@@ -68,8 +69,8 @@ def test_png_layout_out_of_bounds_is_422(client, query):
 
 
 def test_png_over_the_pixel_limit_is_422_before_it_is_drawn():
-    from service.app import PNG_MAX_PIXELS, PngLayout, png_picture
-    from service.broker import ServiceError
+    from service.routes.render import PNG_MAX_PIXELS, PngLayout, png_picture
+    from service.errors import ServiceError
 
     images = np.zeros((16, 256, 256, 3), np.uint8)  # an ImageNet-sized batch: 16 × (256·16)² pixels at scale 16
     with pytest.raises(ServiceError) as refused:
@@ -137,6 +138,11 @@ def test_playground_renders_changes_and_runs_a_job(stack, browser):
         assert page.input_value("#family") == "double_colored_mnist"
         assert (page.input_value("#shape"), page.input_value("#texture"), page.input_value("#background")) == \
             ("3", "2", "5")
+        # Labels with their names (core.vocabulary's tables): README's "texture of a 2 (lime) on the background of
+        # a 5 (burlywood)"; a shape label is its digit.
+        chosen = {m: page.locator(f"#{m} option:checked").inner_text() for m in ("shape", "texture", "background")}
+        assert chosen == {"shape": "3", "texture": "2 · lime", "background": "5 · burlywood"}
+        assert page.locator("#job-texture").get_attribute("title").startswith("0 yellow, 1 burlywood, 2 lime")
         assert page.locator("#play-error").is_hidden()
         assert page.eval_on_selector("#rows img.tile", "img => getComputedStyle(img).imageRendering") == "pixelated"
         assert page.eval_on_selector("#rows img.tile", "img => img.width") == 32 * 4  # upscaled 4×
@@ -154,6 +160,9 @@ def test_playground_renders_changes_and_runs_a_job(stack, browser):
         page.check("#components")
         for row in ("mask", "texture", "background"):
             wait_tiles(page, 3, row)
+        assert page.inner_text('#rows [data-row="texture"] .row-name') == "darkblue"  # texture 7, as chosen above
+        assert page.inner_text('#rows [data-row="background"] .row-name') == "burlywood"
+        assert page.locator('#rows [data-row="mask"] .row-name').count() == 0  # a shape label is only its digit
 
         # A server error is shown, not swallowed: n over the stack's SKDCGN_MAX_N (16).
         page.fill("#n", "17")
@@ -183,6 +192,9 @@ def test_playground_renders_changes_and_runs_a_job(stack, browser):
         page.select_option("#family", "wildlife_mnist")
         page.wait_for_function("() => document.querySelector('#play-status').textContent.startsWith('wildlife_mnist')")
         assert wait_tiles(page, 6)[0] != before
+        for mechanism in ("texture", "background"):  # its textures' names
+            names = page.locator(f"#{mechanism} option").all_inner_texts()
+            assert names == [f"{k} · {name}" for k, name in enumerate(LABEL_NAMES["wildlife_mnist"][mechanism])]
         page.select_option("#family", "double_colored_mnist")
 
         # The jobs tab: create a job and watch it succeed, with its download link.

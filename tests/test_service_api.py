@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from core.imageio import decode
+from core.vocabulary import LABEL_NAMES
 from tests.service_helpers import (
     COUNTERFACTUAL, FAMILY, GENERATE, REPO, counterfactual, current_version, images_of, metric,
 )
@@ -42,6 +43,11 @@ def test_health_readiness_and_models(client, models_dir):
     (version,) = [entry for entry in family["versions"] if entry["version"] == latest]
     assert version["labels"]["count"] == 10 and version["image_size"] == 32
     assert set(version["mechanisms"]) == {"shape", "texture", "background"}
+    # Texture and background labels are colours: named from core.vocabulary (the manifest's names stay digits).
+    assert version["label_names"] == {"texture": list(LABEL_NAMES[FAMILY]["texture"]),
+                                      "background": list(LABEL_NAMES[FAMILY]["background"])}
+    assert (version["label_names"]["texture"][2], version["label_names"]["background"][5]) == ("lime", "burlywood")
+    assert version["labels"]["names"] == [str(k) for k in range(10)]
     assert listing["workers"][0]["provider"] == worker["provider"]
 
     docs = client.get("/docs")

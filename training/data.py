@@ -23,6 +23,7 @@ from PIL import Image, ImageColor
 
 from core.compose import compose
 from core.settings import PREFIX, Paths
+from core.vocabulary import DIGIT_COLOUR_SHIFT, DOUBLE_COLORED_PALETTE
 from training import fetch
 from training.fetch import ChecksumError
 
@@ -52,23 +53,21 @@ NUM_CLASSES = 10
 IMAGE_SIZE = 32
 BINARISE_THRESHOLD = 0.1
 COLOR_JITTER_STD = 0.01
-DIGIT_COLOUR_SHIFT = 4
-PALETTE_NAMES = (
-    "darkgreen", "darkblue", "#b03060", "orangered", "yellow", "burlywood", "lime", "aqua", "fuchsia", "#6495ed",
-)
 
 
 def _palette(names: Sequence[str]) -> np.ndarray:
-    """CSS colour names → read-only float32 [len, 3] in [0, 1] (read-only: shared module constants)."""
+    """CSS colours (#rrggbb or names) → read-only float32 [len, 3] in [0, 1] (read-only: shared module constants)."""
     palette = np.array([ImageColor.getrgb(name) for name in names], dtype=np.float32) / np.float32(255)
     palette.flags.writeable = False
     return palette
 
 
 # Double-colored background colour of class k is PALETTE[k]; its digit colour is DIGIT_PALETTE[k], i.e.
-# PALETTE[(k + 4) % 10]. Nearest-row matching against these recovers bg_index / fg_index from an image.
-PALETTE = _palette(PALETTE_NAMES)
-DIGIT_PALETTE = _palette(PALETTE_NAMES[DIGIT_COLOUR_SHIFT:] + PALETTE_NAMES[:DIGIT_COLOUR_SHIFT])
+# PALETTE[(k + 4) % 10] (core.vocabulary's table, which names them too). Nearest-row matching against these
+# recovers bg_index / fg_index from an image.
+PALETTE_COLOURS = tuple(colour for _, colour in DOUBLE_COLORED_PALETTE)
+PALETTE = _palette(PALETTE_COLOURS)
+DIGIT_PALETTE = _palette(PALETTE_COLOURS[DIGIT_COLOUR_SHIFT:] + PALETTE_COLOURS[:DIGIT_COLOUR_SHIFT])
 
 TEXTURE_SIZE = 150
 TEXTURE_PAD = 3

@@ -22,7 +22,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from core.noise import MECHANISMS
+from core.vocabulary import MECHANISMS
 from training.export import ParityError
 from training.fetch import ChecksumError
 from training.recipe import RecipeChanges, StudentPreset, load_preset, load_recipe, preset_names

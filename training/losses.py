@@ -17,7 +17,7 @@ from torch.nn import functional as F
 
 FEATURE_WEIGHTS = (1 / 32, 1 / 16, 1 / 8, 1 / 4, 1.0)
 KL_EPS = 1e-4
-MASK_THRESHOLD = 0.5  # core.metrics.mask_iou's default: where held-out mask IoU binarises both masks
+MASK_THRESHOLD = 0.5  # core.fidelity.mask_iou's default: where held-out mask IoU binarises both masks
 
 
 def pixel_l1(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:

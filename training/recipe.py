@@ -21,7 +21,7 @@ import yaml
 
 from core.atomic import write_text_atomic
 from core.manifest import MANIFEST_NAME
-from core.noise import MECHANISMS
+from core.vocabulary import MECHANISMS
 from training.losses import FEATURE_WEIGHTS
 from training.students import DISCRIMINATOR_CHANNELS, HEAD_KINDS, UPSAMPLE_MODES
 

@@ -21,12 +21,12 @@ from tqdm import tqdm
 from core.atomic import atomic_directory, atomic_path
 from core.manifest import MECHANISM_OUTPUTS, validate_version_name, value_range, write_manifest
 from core.settings import Paths
+from reporting.plots import save_figure
 from training import losses
 from training.bank import Bank, BankSpec, generate_bank
 from training.evaluation.heldout import evaluate, render_comparison
 from training.export import export_students
 from training.package import build_manifest, training_block
-from training.plots import save_figure
 from training.recipe import DEFAULT_PRESET, RECIPE_FILE, Recipe, RecipeChanges, load_preset, load_recipe, save_recipe
 from training.students import HEADS, ProjectionDiscriminator, StudentConfig, TinyGenerator
 from training.teachers.loading import TeacherAdapter, load_teacher_adapter, teacher_names
@@ -220,7 +220,6 @@ def write_loss_log(log: list[dict], csv_path: Path, png_path: Path) -> None:
     fig, axes = plt.subplots(1, len(mechanisms), figsize=(5 * len(mechanisms), 3.6), squeeze=False)
     for ax, mechanism in zip(axes[0], mechanisms):
         rows = [row for row in log if row["mechanism"] == mechanism]
-        steps = [row["step"] for row in rows]
         for term in ("pix", "feat", "kl", "iou", "loss_d", "adv"):
             points = [(row["step"], abs(row[term]) + 1e-8) for row in rows if row.get(term) is not None]
             if points:  # iou: shape only, and absent from logs written before it existed

@@ -25,8 +25,9 @@ from core.manifest import (
     verify_files,
 )
 from core.messages import RenderBatch, RenderReply, RenderRequest
-from core.noise import MECHANISMS, SampleNoise, draw_sample_noise
+from core.noise import SampleNoise, draw_sample_noise
 from core.runtime import ModelRuntime, execution_providers
+from core.vocabulary import MECHANISMS
 from workers.metrics import WorkerMetrics
 
 logger = logging.getLogger(__name__)

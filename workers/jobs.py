@@ -29,15 +29,15 @@ from core.compose import MaskModifiers
 from core.hashing import sha256_file
 from core.imageio import encode
 from core.jobs import (
-    ACTIVE_STATES, CANCELLED, FAILED, PROVENANCE_NAME, SUCCEEDED, JobSpec, checksums_text,
-    chunk_bounds, chunk_done_args, chunk_path, discard_chunks, end_args, files_field, job_chunks_key, job_key,
-    job_lock_key, now_iso, result_paths, sidecar_paths, start_args,
+    PROVENANCE_NAME, JobSpec, checksums_text, chunk_bounds, chunk_done_args, chunk_path, discard_chunks, end_args,
+    files_field, job_chunks_key, job_key, job_lock_key, now_iso, result_paths, sidecar_paths, start_args,
 )
 from core.logs import NO_REQUEST, request_id
 from core.messages import STATS_KEY, ChunkTask
 from core.noise import draw_labels, draw_sample_noise
 from core.runtime import ModelRuntime
 from core.settings import Settings
+from core.vocabulary import ACTIVE_STATES, CANCELLED, FAILED, SUCCEEDED
 from workers.engine import LoadedModels, counterfactual_batch
 from workers.metrics import WorkerMetrics
 

@@ -6,7 +6,7 @@
 
 It asks the service for a dataset job (shape labels drawn uniformly, `--per-shape` counterfactuals sharing each
 mask, as in CGN), waits for it with a progress bar, downloads and verifies its files (an interrupted run resumes
-the download), then trains the SmallCNN of training/evaluation/classifier.py with CGN's recipe (Adadelta, StepLR)
+the download), then trains the SmallCNN of experiments/classifier.py with CGN's recipe (Adadelta, StepLR)
 through client.torch_data and a DataLoader. It reports the accuracy on held-out counterfactuals and, with
 --real-test, on real MNIST digits wearing random colours (the invariance test: ~10 % means the classifier learnt
 colour, not shape). Needs torch (the training extra); the service needs nothing but a running `skdcgn serve`.
@@ -51,7 +51,7 @@ def main(argv=None) -> int:
 
     from client import Client
     from client.torch_data import NpzCounterfactuals, ShardCounterfactuals, to_tensor
-    from training.evaluation.classifier import SmallCNN, TrainConfig
+    from experiments.classifier import SmallCNN, TrainConfig
 
     torch.set_num_threads(args.threads)
     progress = not args.no_progress
@@ -107,7 +107,7 @@ def main(argv=None) -> int:
     if args.real_test:
         import numpy as np
 
-        from training.evaluation.invariance import real_splits
+        from experiments.invariance import real_splits
 
         _, test = real_splits(job.model)
         pairs = [(torch.from_numpy(np.ascontiguousarray(test.images[i:i + 256])),

@@ -2,13 +2,12 @@
 // Plain JavaScript, no build step. Every error the server answers ({"error": "..."}) is shown in the page.
 "use strict";
 
-const MECHANISMS = ["shape", "texture", "background"];
-// For double_colored_mnist texture k has the colour of palette[(k+4)%10] and background k palette[k]:
-// shape 3 in texture 2 (lime) on background 5 (burlywood) shows the digit clearly.
+const MECHANISMS = ["shape", "texture", "background"]; // core/vocabulary.py's MECHANISMS
+// double_colored_mnist: shape 3 in texture 2 (lime) on background 5 (burlywood) shows the digit clearly.
 const DEFAULT_LABELS = { shape: 3, texture: 2, background: 5 };
 const MODIFIERS = ["transparency", "rotation_deg", "noise_std"];
 const KEY_STORAGE = "skdcgn.apiKey";
-const ACTIVE = new Set(["queued", "running"]);
+const ACTIVE = new Set(["queued", "running"]); // core/vocabulary.py's ACTIVE_STATES
 const POLL_ACTIVE_MS = 1000;
 const POLL_IDLE_MS = 5000;
 const RENDER_DELAY_MS = 200;
@@ -125,20 +124,36 @@ function fillVersions() {
   fillLabels();
 }
 
+/** What the labels of a mechanism mean: its colour or texture names (GET /models `label_names`, from
+ * core/vocabulary.py), else the class names of the manifest (`labels.names`). */
+function labelNames(info, mechanism) {
+  if (!info) return [];
+  return (info.label_names && info.label_names[mechanism]) || info.labels.names || [];
+}
+
+/** Label k's name, "" when it has none but its number. */
+function labelName(info, mechanism, k) {
+  const name = labelNames(info, mechanism)[k];
+  return name !== undefined && name !== String(k) ? name : "";
+}
+
 function fillLabels() {
   const info = versionInfo();
   const count = info ? info.labels.count : 0;
-  const names = (info && info.labels.names) || [];
   for (const mechanism of MECHANISMS) {
     const select = $(mechanism);
     const previous = select.value === "" ? DEFAULT_LABELS[mechanism] : Number(select.value);
     const items = [];
+    const named = [];
     for (let k = 0; k < count; k++) {
-      const name = names[k];
-      items.push(option(String(k), name !== undefined && name !== String(k) ? `${k} · ${name}` : String(k)));
+      const name = labelName(info, mechanism, k);
+      items.push(option(String(k), name ? `${k} · ${name}` : String(k)));
+      if (name) named.push(`${k} ${name}`);
     }
     select.replaceChildren(...items);
     if (count) select.value = String(Math.min(previous, count - 1));
+    // The jobs tab takes label numbers: its field names them on hover (short tables only, not ImageNet's 1000).
+    $(`job-${mechanism}`).title = named.length && count <= 32 ? named.join(", ") : "";
   }
   if (info) {
     const zoom = $("zoom");
@@ -242,23 +257,29 @@ async function renderNow() {
   }
 }
 
+/** The mechanism whose output each component row shows. */
+const COMPONENT_MECHANISM = { mask: "shape", texture: "texture", background: "background" };
+
 function showImages(data) {
   const info = versionInfo();
   const size = (info ? info.image_size : 32) * Number($("zoom").value);
-  const rows = [["counterfactual", "images", data.images]];
+  const body = state.lastRenderBody || {};
+  const rows = [["counterfactual", "images", data.images, ""]];
   if (data.components) {
-    for (const name of ["mask", "texture", "background"]) {
-      if (data.components[name]) rows.push([name, name, data.components[name]]);
+    for (const [name, mechanism] of Object.entries(COMPONENT_MECHANISM)) {
+      if (!data.components[name]) continue;
+      rows.push([name, name, data.components[name], labelName(info, mechanism, body[mechanism])]);
     }
   }
   const container = $("rows");
-  container.replaceChildren(...rows.map(([label, key, images]) => {
+  container.replaceChildren(...rows.map(([label, key, images, labelTitle]) => {
     const row = document.createElement("div");
     row.className = "row";
     row.dataset.row = key;
     const caption = document.createElement("div");
     caption.className = "row-label";
     caption.textContent = label;
+    if (labelTitle) caption.appendChild(textDiv(labelTitle, "row-name")); // e.g. texture: lime
     const tiles = document.createElement("div");
     tiles.className = "tiles";
     images.forEach((b64, i) => {

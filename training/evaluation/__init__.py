@@ -1,6 +1,5 @@
-"""Evaluation of distilled students against their CGN teacher (see training/evaluate.py for the CLI).
+"""What distillation measures of its own students (see training/evaluate.py for the re-make CLI).
 
-sources: the teacher and the shipped ONNX students behind one interface; counterfactuals: labelled
-counterfactual data sets drawn with core.noise; classifier: the small CNN of CGN's Table 2; fidelity and
-invariance: the measurements; report: JSON and docs/RESULTS.md sections.
+heldout: fidelity on the bank's held-out pairs, written into each manifest by the trainer; remake: a shipped
+version against the same version re-made from its recipe. The research experiments live in experiments/.
 """

@@ -12,7 +12,7 @@ import torch
 
 from core.atomic import atomic_path
 from core.manifest import MECHANISM_OUTPUTS, value_range
-from core.metrics import mask_iou, mean_l1, psnr, summarise_psnr
+from core.fidelity import mask_iou, mean_l1, psnr, summarise_psnr
 from training.bank import Bank
 from training.students import TinyGenerator
 

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from core.noise import MECHANISMS, draw_z
+from core.noise import draw_z
 from core.runtime import ModelRuntime
-from training.evaluation import report
+from core.vocabulary import MECHANISMS
+from reporting import report
 from training.recipe import load_recipe
 
 METRICS = (("shape", "mask_iou", "mask IoU"), ("shape", "l1", "mask L1"), ("texture", "l1", "texture L1"),

@@ -42,6 +42,14 @@ TEACHERS = {
 }
 
 
+def teacher_for_family(family: str) -> str:
+    """The teacher name (`double_colored`) of a family (`double_colored_mnist`)."""
+    for name, info in TEACHERS.items():
+        if info.family == family:
+            return name
+    raise ValueError(f"no teacher for family {family!r}; known: {', '.join(info.family for info in TEACHERS.values())}")
+
+
 class Reshape(nn.Module):
     def __init__(self, *shape: int):
         super().__init__()

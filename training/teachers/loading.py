@@ -7,7 +7,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from core.noise import MECHANISMS, NoiseSpec, draw_z
+from core.noise import NoiseSpec, draw_z
+from core.vocabulary import MECHANISMS
 from training.teachers.cgn_mnist import IMAGE_SIZE, LATENT_DIM, N_CLASSES, TEACHERS, TeacherError, load_teacher
 
 __all__ = ["TeacherAdapter", "TeacherError", "load_teacher_adapter", "teacher_names"]
@@ -91,7 +92,7 @@ def load_teacher_adapter(
         noise=NoiseSpec(dim=LATENT_DIM, distribution="normal", truncation=None, shared_across_mechanisms=False),
         texture_shuffle=True,
         label_names=[str(i) for i in range(N_CLASSES)],
-        mechanisms={m: model.mechanism(m) for m in ("shape", "texture", "background")},
+        mechanisms={m: model.mechanism(m) for m in MECHANISMS},
         device=torch.device(device),
     )
 
@@ -111,7 +112,7 @@ def _imagenet_adapter(path, device, truncation: float | None) -> TeacherAdapter:
                         shared_across_mechanisms=True),
         texture_shuffle=False,
         label_names=cgn.class_names(),
-        mechanisms={m: model.mechanism(m) for m in ("shape", "texture", "background")},
+        mechanisms={m: model.mechanism(m) for m in MECHANISMS},
         device=torch.device(device),
         student_presets={m: {"channels": list(cgn.STUDENT_CHANNELS), "embed_dim": cgn.STUDENT_EMBED_DIM,
                              "upsample": cgn.STUDENT_UPSAMPLE, "head": "conv"} for m in MECHANISMS},

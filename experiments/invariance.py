@@ -14,11 +14,11 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from training.data import DigitImages, build_double_colored, build_wildlife, load_mnist
-from training.evaluation.classifier import TrainConfig, fit_and_score
 from core.compose import UNMODIFIED, MaskModifiers
-from training.evaluation.counterfactuals import counterfactual_dataset
-from training.evaluation.sources import Source
+from experiments.classifier import TrainConfig, fit_and_score
+from experiments.counterfactuals import counterfactual_dataset
+from experiments.sources import Source
+from training.data import DigitImages, build_double_colored, build_wildlife, load_mnist
 
 REAL_SPLIT = 5000  # t10k[:5000] trains the real arm, t10k[5000:] is the test set
 TEST_SEED = 1234

@@ -12,9 +12,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from core.compose import UNMODIFIED, MaskModifiers, compose_samples
-from core.noise import MECHANISMS, SampleNoise, draw_labels, draw_sample_noise
+from core.noise import SampleNoise, draw_labels, draw_sample_noise
+from core.vocabulary import MECHANISMS
+from experiments.sources import Source
 from training.data import NUM_CLASSES, DigitImages
-from training.evaluation.sources import Source
 
 ALL_LABELS = {m: list(range(NUM_CLASSES)) for m in MECHANISMS}
 

@@ -3,15 +3,16 @@
 Numbers about students (fidelity, speed, parameters, invariance) are never typed: they sit in marked blocks,
 `<!-- generated:NAME -->` … `<!-- /generated:NAME -->`, rendered from `models/<family>/<version>/manifest.json`
 (`metrics`, `student_parameters`, `recipe`, `targets`) and `benchmarks/results/*.json`. Each manifest of a shipped
-(LATEST) version also carries a `targets` block (training.evaluation.targets), rendered the same way; its `tried`
+(LATEST) version also carries a `targets` block (reporting.targets), rendered the same way; its `tried`
 list is the one hand-written part.
 
-    python -m training.evaluation.generated write    # rewrite the blocks and the manifests' targets blocks
-    python -m training.evaluation.generated check    # exit 1 naming every block that differs (writes nothing)
+    python -m experiments.generated write    # rewrite the blocks and the manifests' targets blocks
+    python -m experiments.generated check    # exit 1 naming every block that differs (writes nothing)
 
 `check` also re-renders the sections that evaluation and benchmarks write (`<!-- results:NAME -->`: fidelity,
-invariant classifier, model, serving and ImageNet benchmarks) from their JSON and reports any that no longer
-start with what their renderer produces; rerun `python -m training.evaluate render` or the benchmark for those.
+invariant classifier, the SKDCGN paper's experiments and claims, model, serving, soak and ImageNet benchmarks) from
+their JSON and reports any that no longer start with what their renderer produces; rerun `python -m experiments
+render` or the benchmark for those.
 tests/test_generated_docs.py runs `check` in `make test`.
 """
 from __future__ import annotations
@@ -28,8 +29,8 @@ from typing import Callable
 from core.atomic import write_text_atomic
 from core.manifest import MANIFEST_NAME, latest_version, list_versions, recorded_students
 from core.settings import REPO_ROOT
-from training.evaluation import report
-from training.evaluation.targets import (
+from reporting import report
+from reporting.targets import (
     BASELINE_MIN, L1_MAX, L1_RATIO, MIN_PAIRS, SPEED_BATCH, TARGETS, describe, targets_block,
 )
 
@@ -220,11 +221,12 @@ def headline_invariance(src: Sources) -> str | None:
         real = result["arms"].get("real")
         parts.append((family, s, t, real["test_accuracy"]["mean"] if real else None))
     (f1, s1, t1, r1), (f2, s2, t2, r2) = parts
+    v1, v2 = (student_version(found[f]) for f in (f1, f2))
     text = (f"**Invariance, the reason CGNs exist.** A classifier trained only on {config['images']:,} counterfactuals "
             f"({config['train']['epochs']} epochs, {len(config['seeds'])} seeds) scores on real, randomly coloured "
-            f"digits {report.pm(s1)} % with the {SPOKEN.get(f1, f1)} students vs {report.pm(t1)} % with the "
+            f"digits {report.pm(s1)} % with the {SPOKEN.get(f1, f1)} students{v1} vs {report.pm(t1)} % with the "
             f"teacher" + (f" and {r1:.1f} % for the biased real set" if r1 is not None else "")
-            + f"; {SPOKEN.get(f2, f2)} {report.pm(s2)} % vs {report.pm(t2)} %"
+            + f"; {SPOKEN.get(f2, f2)}{v2} {report.pm(s2)} % vs {report.pm(t2)} %"
             + (f" vs {r2:.1f} %" if r2 is not None else "")
             + ".")
     paper = [src.results.get(f"paper_scale_invariance_{f}") for f in INVARIANCE_FAMILIES]
@@ -232,13 +234,26 @@ def headline_invariance(src: Sources) -> str | None:
         p = paper[0]["config"]
         text += (f" At the paper's scale ({p['images']:,} images, {p['train']['epochs']} epochs, "
                  f"{seeds_text(p['seeds'])}): "
-                 + " and ".join(f"{arm(r, 'student')['mean']:.1f} vs {arm(r, 'teacher')['mean']:.1f} %" for r in paper)
+                 + " and ".join(f"{arm(r, 'student')['mean']:.1f}{student_version(r)} vs "
+                                f"{arm(r, 'teacher')['mean']:.1f} %" for r in paper)
                  + ".")
     return text
 
 
+def student_version(result: dict) -> str:
+    """' (v5)': the student version an invariance result measured (from its `sources`), or '' when unnamed."""
+    name = result.get("sources", {}).get("student", "")
+    return f" ({name.rsplit('/', 1)[1]})" if "/" in name else ""
+
+
 def serving_target(result: dict, prefix: str) -> dict | None:
     return next((t for t in result.get("targets", []) if t["target"].startswith(prefix)), None)
+
+
+def serving_version(src: Sources, result: dict) -> str:
+    """The version the serving benchmark measured, and whether that is still LATEST."""
+    measured, latest = result.get("version"), src.latest.get(DEFAULT_FAMILY)
+    return measured if measured == latest else f"{measured}; LATEST is {latest}, not re-measured yet"
 
 
 def headline_speed(src: Sources) -> str | None:
@@ -257,14 +272,18 @@ def headline_speed(src: Sources) -> str | None:
     serving = src.results.get(f"serving_{DEFAULT_FAMILY}")
     if serving:
         hit, bulk = serving_target(serving, "cache-hit p50"), serving_target(serving, "bulk job")
+        distinct = serving_target(serving, "cache hits/s over")
         said = []
         if hit and hit["value"] is not None:
-            said.append(f"the service answers a cached counterfactual in {hit['value']:.1f} ms (p50)")
+            said.append(f"answers a cached counterfactual in {hit['value']:.1f} ms (p50)")
+        if distinct and distinct["value"] is not None:
+            said.append(f"serves cache hits over {serving['distinct']['bodies']:,} distinct cached requests at "
+                        f"{distinct['value']:.0%} of the rate of a minimal FastAPI + Redis GET endpoint")
         if bulk and bulk["value"] is not None:
-            said.append(f"a bulk job runs at {bulk['value']:.0%} of the raw engine's throughput")
+            said.append(f"runs a bulk job at {bulk['value']:.0%} of the raw engine's throughput")
         if said:
-            sentence = " and ".join(said)
-            text += " " + sentence[0].upper() + sentence[1:] + "."
+            listed = ", ".join(said[:-1]) + " and " + said[-1] if len(said) > 1 else said[0]
+            text += f" The service ({serving_version(src, serving)}) {listed}."
     return text
 
 
@@ -366,7 +385,9 @@ def serving_rows(src: Sources) -> list[list[str]]:
     serving = src.results.get(f"serving_{DEFAULT_FAMILY}")
     if not serving:
         return []
-    return [[f"serving: {t['target']}", "", t["shown"], verdict(t["met"])] for t in serving.get("targets", [])]
+    measured = f"{short(DEFAULT_FAMILY)} {serving_version(src, serving)}"
+    return [[f"serving ({measured}): {t['target']}", "", t["shown"], verdict(t["met"])]
+            for t in serving.get("targets", [])]
 
 
 def imagenet_rows(src: Sources) -> list[list[str]]:
@@ -432,7 +453,7 @@ def results_summary(src: Sources) -> str:
     lines = [f"### Summary ({where})", "",
              wrap("Every figure in this section, the student sections below and README's family table is rendered "
                   "from `models/*/*/manifest.json` and `benchmarks/results/*.json` by `python -m "
-                  "training.evaluation.generated write`; `make test` fails when a block differs from what the JSON "
+                  "experiments.generated write`; `make test` fails when a block differs from what the JSON "
                   "says now."), "",
              report.table(["what", "target", "measured", "met"], rows)]
     for text in (fidelity_sentence(src), scale_sentence(src)):
@@ -560,7 +581,7 @@ def results_paper_scale(src: Sources) -> str:
         wrap(f"{seeds_text(config['seeds']).capitalize()} per arm "
              f"({min(minutes):.0f}–{max(minutes):.0f} minutes per run); otherwise the settings of the sections below, "
              "unmodified masks. JSON: `benchmarks/results/paper_scale_invariance_<family>.json` (`python -m "
-             "training.evaluate invariance --family F --paper-scale --mask unmodified --arms teacher,student "
+             "experiments invariance --family F --paper-scale --mask unmodified --arms teacher,student "
              f"--seeds {seeds}`)."),
         "",
         report.table(["family", "teacher counterfactuals", "student counterfactuals (ONNX)",
@@ -631,11 +652,29 @@ def expected_sections(src: Sources) -> dict[str, Callable[[], str]]:
                 from benchmarks import serving as bench_serving
                 return bench_serving.markdown(r, bench_serving.PLOT_NAME)
             out[f"bench-serving-{family}"] = serving
+        for stem, section in ((f"soak_{family}", f"bench-soak-{family}"),
+                              (f"soak_faults_{family}", f"bench-soak-faults-{family}")):
+            if stem in results:
+                def soak(r=results[stem]):
+                    from benchmarks import soak as bench_soak
+                    return bench_soak.markdown(r)
+                out[section] = soak
     if "imagenet_speed" in results:
         def imagenet(r=results["imagenet_speed"]):
             from benchmarks import imagenet_speed
             return imagenet_speed.markdown(r)
         out["bench-imagenet-speed"] = imagenet
+    # The SKDCGN paper's sections (claims, Table 1, transparency, original + counterfactuals, baseline), rendered
+    # together from benchmarks/results/paper_*.json (and the paper-scale invariance files they name).
+    paper_bodies: dict[str, str] = {}
+
+    def paper_section(name: str) -> str:
+        if not paper_bodies:
+            from experiments import paper_report  # imported here: it brings torch (experiments.paper)
+            paper_bodies.update(paper_report.section_bodies(src.root / "benchmarks" / "results"))
+        return paper_bodies[name]
+    for name in ("paper-claims", "paper-table1", "paper-transparency", "paper-original-plus-cf", "paper-baseline"):
+        out[name] = lambda name=name: paper_section(name)
     return out
 
 
@@ -653,8 +692,8 @@ def section_problems(src: Sources, path: str = "docs/RESULTS.md") -> list[str]:
                             f"({type(exc).__name__}: {exc}); rerun the evaluation or benchmark that writes it")
             continue
         if not sections[name].strip().startswith(expected):
-            problems.append(f"{path} results:{name}: differs from its JSON; rerun `python -m training.evaluate render` "
-                            "(fidelity, invariance) or the benchmark that writes it")
+            problems.append(f"{path} results:{name}: differs from its JSON; rerun `python -m experiments render` "
+                            "(fidelity, invariance, paper) or the benchmark that writes it")
     return problems
 
 

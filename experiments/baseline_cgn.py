@@ -16,7 +16,7 @@ Substitutions, all forced by what exists offline, each recorded in the result:
   colours), the set and split the invariant-classifier experiment already uses (t10k[5000:] stays the test set);
   CGN trained on the 60,000 training digits.
 - perceptual features: CGN uses an ImageNet VGG, which cannot be had offline. We use the project's digit CNN
-  (training.evaluation.fidelity.digit_recogniser: a SmallCNN trained on binarised real digits t10k[:5000]),
+  (experiments.fidelity.digit_recogniser: a SmallCNN trained on binarised real digits t10k[:5000]),
   frozen, applied to each colour channel separately; Gram matrices of its 2nd and 3rd conv blocks (of 3) take
   CGN's two non-zero style weights 0.05, on Gram differences measured relative to the real Grams' energy (CGN's
   weights were set for VGG's feature scale; ours is ~1e3× smaller).
@@ -40,7 +40,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from core.atomic import atomic_path
-from core.noise import MECHANISMS, NoiseSpec
+from core.noise import NoiseSpec
+from core.vocabulary import MECHANISMS
 from training.students import ConditionalBatchNorm, StudentConfig, TinyGenerator
 
 CGN_STEPS = 4690  # CGN's 5 epochs of 60,000 digits at batch 64
@@ -88,7 +89,7 @@ class ConditionalMLPDiscriminator(nn.Module):
 
 
 class ChannelwiseStyleFeatures(nn.Module):
-    """A frozen 1-channel digit CNN (training.evaluation.classifier.SmallCNN) applied to each colour channel.
+    """A frozen 1-channel digit CNN (experiments.classifier.SmallCNN) applied to each colour channel.
 
     Returns the ReLU outputs of its conv blocks 2 and 3 with the colour channels stacked on the feature axis,
     [B, 3·C, h, w], so Gram matrices also see how colours co-occur.
@@ -292,7 +293,7 @@ def load_generators(work_dir: str | Path) -> dict[str, TinyGenerator]:
 
 def baseline_source(generators: dict[str, TinyGenerator], name: str, batch: int = 1000):
     """The baseline as an evaluation Source (same noise scheme and shuffler as the teacher)."""
-    from training.evaluation.sources import Source
+    from experiments.sources import Source
 
     def run(mechanism: str, z: np.ndarray, y: np.ndarray) -> np.ndarray:
         g = generators[mechanism]

@@ -13,13 +13,13 @@ import os
 
 import numpy as np
 
-from core.metrics import mask_iou, mean_l1, psnr, summarise_psnr
-from core.noise import MECHANISMS
+from core.fidelity import mask_iou, mean_l1, psnr, summarise_psnr
+from core.vocabulary import MECHANISMS
+from experiments.classifier import TrainConfig, accuracy, predict, train_classifier
+from experiments.counterfactuals import compose_draws, draw
+from experiments.sources import Source
 from training.data import DIGIT_PALETTE, NUM_CLASSES, PALETTE, DataError, binarise_digits, load_mnist, load_textures
-from training.evaluation.classifier import TrainConfig, accuracy, predict, train_classifier
-from training.evaluation.counterfactuals import compose_draws, draw
 from training.evaluation.heldout import fidelity
-from training.evaluation.sources import Source
 
 HELDOUT_SEED = 20_261_127  # far from the banks' seeds, so held-out pairs are never training pairs
 BASELINE_SEED = HELDOUT_SEED + 1

@@ -10,7 +10,7 @@ teacher's parameters (wildlife: fewer than the teacher).
 `student_parameters`, `teacher.parameters`), speed from a model benchmark result (benchmarks/results/
 models_<family>.json) of the same version, or "not measured". The result goes into the manifest as its `targets`
 block (beside the hand-written `tried`: what was attempted) and into docs/RESULTS.md, both by
-training.evaluation.generated, never by hand.
+experiments.generated, never by hand.
 """
 from __future__ import annotations
 

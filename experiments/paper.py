@@ -1,4 +1,4 @@
-"""The SKDCGN paper's own experiments, teacher and students side by side (CLI: training/evaluate.py).
+"""The SKDCGN paper's own experiments, teacher and students side by side (CLI: experiments/evaluate.py).
 
 - Table 1, the shape-mechanism study on double-coloured MNIST: one modifier at a time (unit Gaussian noise on
   the mask σ = 1, rotation within ±90°, transparency 0.75) beside the unmodified masks. The paper says "a
@@ -8,14 +8,14 @@
   * detector: SmallCNN with two outputs, real = 1, counterfactual = 0. Train: t10k[:5000] with random colours
     (the test recipe, so a colour pairing that only real images obey cannot give them away) + 5,000
     counterfactuals (seed s); test: t10k[5000:] with random colours + 5,000 counterfactuals of another seed.
-  * digit: the invariant classifier (CGN Table 2's protocol, training.evaluation.invariance) trained on the
+  * digit: the invariant classifier (CGN Table 2's protocol, experiments.invariance) trained on the
     modified counterfactuals, tested on t10k[5000:] with random colours.
 - Transparency (§4.4): the invariant classifier with a = 0.75 alone, beside unmodified masks.
 - Original + counterfactuals (CGN Table 2's protocol): the biased real set t10k[:5000] added to the
   counterfactuals, beside counterfactuals only.
-- The §4.2 baseline (training/baseline_cgn.py) is evaluated here too.
+- The §4.2 baseline (experiments/baseline_cgn.py) is evaluated here too.
 
-Runs of the digit classifier are stored in the shape of training.evaluation.invariance results (family, mask,
+Runs of the digit classifier are stored in the shape of experiments.invariance results (family, mask,
 config, sources, arms), wherever they sit in a JSON file, so any later experiment reuses a run with the same
 protocol (family, images, masks per shape, training recipe, mask modifiers, generator version, seed, training set)
 instead of training it again; a reused run says which file it came from.
@@ -31,12 +31,12 @@ from typing import Callable, Iterator
 import numpy as np
 
 from core.compose import UNMODIFIED, MaskModifiers
+from experiments.classifier import TrainConfig, fit_and_score
+from experiments.counterfactuals import compose_draws, counterfactual_dataset, draw
+from experiments.invariance import REAL_SPLIT, InvarianceConfig, build_real, real_splits, summarise
+from experiments.sources import Source
+from reporting import report
 from training.data import DigitImages, load_mnist
-from training.evaluation import report
-from training.evaluation.classifier import TrainConfig, fit_and_score
-from training.evaluation.counterfactuals import compose_draws, counterfactual_dataset, draw
-from training.evaluation.invariance import REAL_SPLIT, TEST_SEED, InvarianceConfig, build_real, real_splits, summarise
-from training.evaluation.sources import Source
 
 COLUMNS = {
     "unmodified": UNMODIFIED,
@@ -356,8 +356,8 @@ def run_baseline(family: str, sources: dict[str, Source], training: dict, invari
 
     `sources` holds "teacher", "student" and "baseline"; all see the same held-out (z, y) draws (fidelity's seed).
     """
-    from training.evaluation.classifier import predict
-    from training.evaluation.fidelity import HELDOUT_SEED, digit_recogniser, label_palettes, nearest_colour
+    from experiments.classifier import predict
+    from experiments.fidelity import HELDOUT_SEED, digit_recogniser, label_palettes, nearest_colour
 
     doc = Document(result_path(results_dir, "baseline", family),
                    {"family": family, "training": training, "sources": {a: s.name for a, s in sources.items()}})

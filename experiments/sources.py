@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 
 from core.noise import NoiseSpec
-from training.teachers.cgn_mnist import TEACHERS
+from training.teachers.cgn_mnist import teacher_for_family
 
 if TYPE_CHECKING:  # core.runtime imports onnxruntime: only the student side needs it
     from core.runtime import ModelRuntime
@@ -31,14 +31,6 @@ class Source:
     image_size: int
     texture_shuffle: bool
     run: Runner
-
-
-def teacher_for_family(family: str) -> str:
-    """The teacher name (`double_colored`) of a family (`double_colored_mnist`)."""
-    for name, info in TEACHERS.items():
-        if info.family == family:
-            return name
-    raise ValueError(f"no teacher for family {family!r}; known: {', '.join(info.family for info in TEACHERS.values())}")
 
 
 def teacher_source(family: str, teacher_path: str | os.PathLike | None = None, device: str = "cpu") -> Source:

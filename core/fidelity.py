@@ -1,4 +1,5 @@
-"""Fidelity metrics shared by distillation and evaluation (numpy only)."""
+"""Fidelity numbers of a student against its teacher (mask IoU, L1, PSNR), shared by distillation and evaluation
+(numpy only). Not to be confused with the Prometheus metrics of service/metrics.py and workers/metrics.py."""
 from __future__ import annotations
 
 import numpy as np
