@@ -568,8 +568,13 @@ def plot(result: dict, path: Path) -> None:
     samples = [result["before"]] + rows
     fig, ((rate, latency), (rss, memory)) = plt.subplots(2, 2, figsize=(11, 7), sharex=True)
     timeline = result["timeline"]
+    # wrk runs in one-minute segments: the seconds at a segment's edges are partly idle (wrk stopping and starting),
+    # so they are left out of the per-second line rather than drawn as dips the service never had.
+    edges = [edge for row in rows for edge in (row["start_s"], row["start_s"] + row["seconds"])]
     seconds = [(timeline["start"] + i) / 60 for i in range(len(timeline["ok"]))]
-    rate.plot(seconds, timeline["ok"], color="tab:blue", lw=0.5, alpha=0.4, label="2xx per second")
+    inside = [count if min(abs(60 * t - edge) for edge in edges) >= 1.5 else float("nan")
+              for t, count in zip(seconds, timeline["ok"])]
+    rate.plot(seconds, inside, color="tab:blue", lw=0.5, alpha=0.4, label="2xx per second")
     if any(timeline["non_2xx"]):
         rate.plot(seconds, timeline["non_2xx"], color="tab:red", lw=0.8, label="non-2xx per second")
     rate.plot(x, [row["ok_per_second"] for row in rows], "o-", color="tab:blue", label="2xx/s, minute (at its end)")

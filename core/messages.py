@@ -60,6 +60,21 @@ def live_heartbeats(beats: dict, now: float, forget_after: float) -> tuple[list[
     return sorted(live, key=lambda beat: beat["name"]), forgotten
 
 
+def lost_workers(before: list[dict], now: list[dict]) -> list[str]:
+    """Names of the workers of `before` that are gone in `now`: their heartbeat vanished, or a new incarnation
+    announced itself under the same node name (the worker's name without its pid): the worker restarted. Whatever
+    such a worker had taken from a queue and not answered is lost."""
+    def node(beat: dict) -> str:
+        return beat["name"].rsplit(":", 1)[0]
+
+    def identity(beat: dict) -> tuple:
+        return beat["name"], beat.get("incarnation")
+
+    known, current = {identity(beat) for beat in before}, {identity(beat) for beat in now}
+    restarted = {node(beat) for beat in now if identity(beat) not in known}
+    return [beat["name"] for beat in before if identity(beat) not in current or node(beat) in restarted]
+
+
 def reply_key(reply_to: str) -> str:
     """The list a worker pushes a batch's answers to; the gateway waits on it with BLPOP."""
     return f"skdcgn:reply:{reply_to}"

@@ -659,6 +659,11 @@ def expected_sections(src: Sources) -> dict[str, Callable[[], str]]:
                     from benchmarks import soak as bench_soak
                     return bench_soak.markdown(r)
                 out[section] = soak
+    remade = [r for name, r in results.items() if name.startswith("remake_")]
+    if remade:
+        from training.evaluation import remake  # imported here: it brings onnxruntime
+        for r in remade:
+            out[remake.section_name(r)] = lambda r=r: remake.markdown(r)
     if "imagenet_speed" in results:
         def imagenet(r=results["imagenet_speed"]):
             from benchmarks import imagenet_speed

@@ -59,6 +59,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     gw = Gateway(settings, ModelCatalog(settings.models_dir), broker, metrics,
                  JobStore(broker.redis, settings.jobs_dir), RenderBatcher(broker, settings, metrics))
     broker.on_down.append(gw.batcher.fail_all)
+    broker.on_worker_lost.append(gw.batcher.resend_lost)
     metrics.render_waiting.set_function(gw.batcher.waiting)
 
     @asynccontextmanager

@@ -9,11 +9,14 @@ and answers all its requests in one reply; each caller gets its own images, exac
 every sample draws its noise from its own seed. While Redis is down, every waiting request is answered 503 at once.
 
 Every failure answers every request of its batch, whatever raised it, and every request waits at most
-`deadline_s`: a batch can never hold its callers (and their in-flight slots) forever.
+`deadline_s`: a batch can never hold its callers (and their in-flight slots) forever. When a worker dies or
+restarts (the probe sees its heartbeat vanish or a new incarnation under its name), the batches in flight are
+published again, so the callers of the batch it held are answered by another worker instead of timing out.
 """
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 
@@ -23,6 +26,7 @@ from service.broker import Broker
 from service.errors import ServiceError
 from service.metrics import GatewayMetrics
 
+logger = logging.getLogger(__name__)
 Waiting = tuple[RenderRequest, asyncio.Future]
 PIPELINE_DEPTH = 2  # batches per live worker in flight: one rendering, one queued behind it
 
@@ -37,6 +41,8 @@ class RenderBatcher:
         self.last_arrival = 0.0
         self.timer: asyncio.TimerHandle | None = None
         self.in_flight: dict[asyncio.Task, list[Waiting]] = {}
+        self.published: dict[str, RenderBatch] = {}  # reply list -> batch, while its answer is awaited
+        self.resends: set[asyncio.Task] = set()
         # From the request's arrival: a batch waiting for a free worker does not extend its callers' wait.
         self.deadline_s = settings.sync_timeout_s + 0.5
 
@@ -95,12 +101,32 @@ class RenderBatcher:
         if self.pending and time.monotonic() - self.oldest >= self.window_s and self._room():
             self.dispatch()  # a worker is free again: what waited its window goes now
 
+    async def _publish(self, batch: RenderBatch) -> None:
+        # Expiring with the callers' wait: a worker that reaches the task after they gave up skips it.
+        remaining = self.settings.sync_timeout_s - (time.time() - batch.sent_at)
+        await self.broker.send(RENDER_TASK, [(batch.reply_to, batch.to_dict())], expires=max(0.1, remaining))
+
+    def resend_lost(self, lost: list[str]) -> None:
+        """A worker died or restarted (`lost` names it): a batch it had taken will never be answered, and which
+        worker took which batch is not known here, so every batch published before now is published again under
+        the same reply list. Its callers get whichever answer comes first (a batch is a pure function of its
+        requests); a second answer expires unread."""
+        logger.warning("worker %s gone; re-sending the %d batches in flight", ", ".join(lost), len(self.published))
+        for batch in list(self.published.values()):
+            task = asyncio.create_task(self._publish(batch))
+            self.resends.add(task)
+            task.add_done_callback(self._resent)
+
+    def _resent(self, task: asyncio.Task) -> None:
+        self.resends.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.warning("re-sending a batch failed: %s", task.exception())
+
     async def _render_batch(self, items: list[Waiting]) -> None:
         batch = RenderBatch([request for request, _ in items], uuid.uuid4().hex, time.time())
         try:
-            # Expiring with the timeout: a worker that reaches the task after its callers gave up skips it.
-            await self.broker.send(RENDER_TASK, [(batch.reply_to, batch.to_dict())],
-                                   expires=self.settings.sync_timeout_s)
+            await self._publish(batch)
+            self.published[batch.reply_to] = batch
             replies = (await self.broker.wait_batch(batch.reply_to)).replies
             if len(replies) != len(items):
                 raise ServiceError(502, f"a worker answered {len(replies)} of the {len(items)} requests of a batch; "
@@ -112,6 +138,8 @@ class RenderBatcher:
             self._fail(items, ServiceError(500, f"the gateway failed while rendering ({type(exc).__name__}: "
                                                 f"{str(exc)[:200]}); retry, and report it if it persists"))
             return
+        finally:
+            self.published.pop(batch.reply_to, None)
         for (_, future), reply in zip(items, replies):
             if not future.done():  # a caller that went away cancelled its future
                 future.set_result(reply)

@@ -32,7 +32,7 @@ from kombu import serialization
 
 from core.celery_config import make_celery
 from core.messages import (
-    QUEUES, STATS_KEY, TASK_QUEUES, WORKERS_KEY, BatchReply, live_heartbeats, redis_now, reply_key,
+    QUEUES, STATS_KEY, TASK_QUEUES, WORKERS_KEY, BatchReply, live_heartbeats, lost_workers, redis_now, reply_key,
 )
 from core.settings import Settings
 from service.errors import ServiceError
@@ -88,6 +88,7 @@ class Broker:
             connection_pool=aioredis.BlockingConnectionPool.from_url(settings.cache_url, **quick))
         self.down_reason: str | None = None  # why the last probe failed; None while Redis answers
         self.on_down: list[Callable[[ServiceError], None]] = []
+        self.on_worker_lost: list[Callable[[list[str]], None]] = []  # names of workers that died or restarted
         self.view = ClusterView()  # as of the last probe
         self._stop_probe = threading.Event()
 
@@ -148,8 +149,12 @@ class Broker:
     def _probed(self, found: ClusterView | None, reason: str | None) -> None:
         if reason is not None:
             self.mark_down(reason)
-        else:
-            self.view, self.down_reason = found, None
+            return
+        lost = lost_workers(self.view.workers, found.workers)
+        self.view, self.down_reason = found, None
+        if lost:
+            for callback in self.on_worker_lost:
+                callback(lost)
 
     def worker_count(self) -> int:
         """Workers up at the last probe (no Redis call)."""

@@ -175,3 +175,17 @@ def test_pooled_connections_survive_a_redis_restart(tmp_path):
             stack.stop()
 
     asyncio.run(scenario())
+
+
+def test_a_worker_is_lost_when_its_heartbeat_vanishes_or_it_restarts():
+    from core.messages import lost_workers
+
+    def beat(name, incarnation):
+        return {"name": name, "incarnation": incarnation}
+
+    before = [beat("w1@a:10", "x"), beat("w2@a:11", "y")]
+    assert lost_workers(before, before) == []
+    assert lost_workers(before, [beat("w2@a:11", "y")]) == ["w1@a:10"]  # expired
+    assert lost_workers(before, [*before, beat("w1@a:12", "z")]) == ["w1@a:10"]  # restarted, old beat still fresh
+    assert lost_workers(before, [beat("w1@a:10", "new"), before[1]]) == ["w1@a:10"]  # same name and pid, new process
+    assert lost_workers([], before) == []

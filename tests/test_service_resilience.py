@@ -59,12 +59,13 @@ class StandInWorker:
 
     def __init__(self, url: str, version: str):
         self.redis = redis.Redis.from_url(url, decode_responses=True, socket_timeout=5)
-        self.mode, self.version, self.taken = "ok", version, 0
+        self.mode, self.version, self.taken, self.incarnation = "ok", version, 0, "first"
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self.serve, daemon=True)
 
     def announce(self) -> None:
-        beat = {"name": "stand-in@test:1", "pid": 1, "provider": "none", "loaded": [f"{FAMILY}/{self.version}"],
+        beat = {"name": "stand-in@test:1", "pid": 1, "incarnation": self.incarnation, "provider": "none",
+                "loaded": [f"{FAMILY}/{self.version}"],
                 "refused": {}, "updated": "", "expires_at": redis_now(self.redis.time()) + 3600}
         self.redis.hset(WORKERS_KEY, beat["name"], json.dumps(beat))
 
@@ -159,6 +160,23 @@ def test_redis_refusing_to_queue_answers_503_and_frees_its_slot(faulty, fault):
     finally:
         broker.config_set("maxmemory", 0)
         broker.execute_command("REPLICAOF", "NO", "ONE")
+
+
+def test_a_worker_that_restarts_mid_batch_loses_no_request(faulty):
+    """The worker takes a batch and dies; a new incarnation announces itself under the same name: the gateway
+    publishes the batches in flight again, and their callers are answered 200 long before their deadline."""
+    stack, url, stand_in = faulty
+    stand_in.mode = "silent"  # takes the batch, never answers: as if killed while rendering it
+    taken = stand_in.taken
+    with httpx.Client(base_url=url, timeout=30) as http, ThreadPoolExecutor(4) as pool:
+        started = time.monotonic()
+        waiting = [pool.submit(counterfactual, http, seed=80_000 + i, n=1) for i in range(4)]
+        poll(lambda: stand_in.taken > taken, 2, "the stand-in to take the batch")
+        stand_in.mode, stand_in.incarnation = "ok", "second"
+        stand_in.announce()
+        assert [future.result().status_code for future in waiting] == [200] * 4
+        assert time.monotonic() - started < 2  # the sync timeout: nobody waited for it
+        assert gauge(http, "skdcgn_requests_in_flight") == 0
 
 
 def test_after_every_fault_a_real_worker_serves_64_in_a_row(faulty):

@@ -17,6 +17,7 @@ import math
 import os
 import threading
 import time
+import uuid
 
 import redis
 
@@ -37,6 +38,9 @@ class WorkerPresence:
         self._announced_refusals: dict[str, str] = {}
         self._served: dict[str, str] = {}  # family -> the LATEST version last loaded (or tried)
         self._withdrawn = threading.Event()
+        # Tells this process from an earlier one of the same name (a container restarted with the same hostname and
+        # pid): the gateway re-sends the batches it had in flight when a worker's incarnation changes or vanishes.
+        self.incarnation = uuid.uuid4().hex
 
     def start(self) -> None:
         threading.Thread(target=self._watch, name="model-watcher", daemon=True).start()
@@ -83,8 +87,9 @@ class WorkerPresence:
         client = self.client()
         period = self.settings.heartbeat_ttl_s / 3
         while not self._withdrawn.is_set():
-            beat = {"name": self.name, "pid": os.getpid(), "provider": self.models.provider_in_use(),
-                    "loaded": self.models.loaded(), "refused": self.models.refused(), "updated": now_iso()}
+            beat = {"name": self.name, "pid": os.getpid(), "incarnation": self.incarnation,
+                    "provider": self.models.provider_in_use(), "loaded": self.models.loaded(),
+                    "refused": self.models.refused(), "updated": now_iso()}
             try:
                 ttl = self.settings.heartbeat_ttl_s
                 beat["expires_at"] = redis_now(client.time()) + ttl

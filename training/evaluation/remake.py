@@ -73,10 +73,13 @@ def compare(shipped_dir: str | Path, remade_dir: str | Path, batch: int = 256) -
 def markdown(result: dict) -> str:
     rows = [[row["metric"], f"{row['shipped']:.4f}", f"{row['remade']:.4f}", f"{row['difference']:+.4f}"]
             for row in result["metrics"]]
-    outputs = [[m, f"{v['max_abs_difference']:.2g}", f"{v['mean_abs_difference']:.2g}"]
-               for m, v in result["outputs"]["per_mechanism"].items()]
+    # In a fixed order: the result JSON is written with sorted keys, and the section must render the same from it.
+    per_mechanism = result["outputs"]["per_mechanism"]
+    outputs = [[m, f"{per_mechanism[m]['max_abs_difference']:.2g}", f"{per_mechanism[m]['mean_abs_difference']:.2g}"]
+               for m in MECHANISMS if m in per_mechanism]
     identical = [name for name, same in result["identical_onnx"].items() if same]
-    minutes = {who: sum(seconds.values()) / 60 for who, seconds in result["training_seconds"].items() if seconds}
+    minutes = {who: sum(result["training_seconds"][who].values()) / 60 for who in ("shipped", "remade")
+               if result["training_seconds"].get(who)}
     why_not = "" if len(identical) == len(result["identical_onnx"]) else (
         " (same batches, but another CPU or thread count adds floating-point sums in another order, and adversarial "
         "training carries those differences into other weights: the held-out metrics are what a re-make must reach)")
