@@ -39,7 +39,7 @@ minimal endpoint are deleted at the end.
 from __future__ import annotations
 
 import argparse
-import asyncio
+import collections
 import json
 import os
 import secrets
@@ -49,12 +49,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
 import redis
+import urllib3
 
 from benchmarks.minimal_endpoint import body_key
 from core.compose import compose_samples
@@ -283,112 +285,42 @@ def warm(url: str, bodies: list[bytes], concurrency: int = WARM_CONCURRENCY, tim
     """POST each of `bodies` to url/counterfactual once, `concurrency` connections at a time, until each is answered
     200 (a 429 or 503 is retried after its Retry-After, at most 1 s), so that the service itself puts every answer
     in its cache. Returns the answers, each as a cache hit would be answered (`"cached":true`), and what it took.
-    A lean HTTP/1.1 keep-alive client on asyncio streams: httpx's own overhead would make the client, not the
-    service, set the pace."""
+    urllib3 in threads, not httpx: httpx's own overhead made the client, not the service, set the pace."""
     check_loopback(url)
-    return asyncio.run(_warm(url, bodies, concurrency, timeout_s, request_timeout_s))
-
-
-class HttpConnection:
-    """One keep-alive HTTP/1.1 connection: POST a JSON body, read status, headers and body (Content-Length or
-    chunked). Enough for loopback warm-up requests, nothing more."""
-
-    def __init__(self, host: str, port: int):
-        self.host, self.port = host, port
-        self.reader: asyncio.StreamReader | None = None
-        self.writer: asyncio.StreamWriter | None = None
-
-    async def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-            try:
-                await self.writer.wait_closed()
-            except OSError:
-                pass
-        self.reader = self.writer = None
-
-    async def post(self, path: str, body: bytes) -> tuple[int, dict[str, str], bytes]:
-        for attempt in (0, 1):  # a kept-alive connection the server closed meanwhile is reopened once
-            fresh = self.writer is None
-            if fresh:
-                self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
-            try:
-                self.writer.write(f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
-                                  f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode()
-                                  + body)
-                await self.writer.drain()
-                return await self.read_response()
-            except (ConnectionError, asyncio.IncompleteReadError):
-                await self.close()
-                if fresh or attempt:
-                    raise
-        raise AssertionError("unreachable")
-
-    async def read_response(self) -> tuple[int, dict[str, str], bytes]:
-        head = (await self.reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
-        status = int(head[0].split(" ", 2)[1])
-        headers = {}
-        for line in head[1:]:
-            if ":" in line:
-                name, value = line.split(":", 1)
-                headers[name.strip().lower()] = value.strip()
-        if "content-length" in headers:
-            body = await self.reader.readexactly(int(headers["content-length"]))
-        elif headers.get("transfer-encoding", "").lower() == "chunked":
-            parts = []
-            while size := int((await self.reader.readuntil(b"\r\n")).split(b";")[0], 16):
-                parts.append(await self.reader.readexactly(size))
-                await self.reader.readexactly(2)
-            await self.reader.readuntil(b"\r\n")  # the last chunk's line ends the (trailer-less) body
-            body = b"".join(parts)
-        else:
-            body = await self.reader.read()
-            await self.close()
-        if headers.get("connection", "").lower() == "close":
-            await self.close()
-        return status, headers, body
-
-
-async def _warm(url: str, bodies: list[bytes], concurrency: int, timeout_s: float,
-                request_timeout_s: float) -> tuple[list[bytes], dict]:
     answers: list[bytes | None] = [None] * len(bodies)
-    statuses: dict[str, int] = {}
-    x_cache: dict[str, int] = {}
-    pending = iter(range(len(bodies)))  # shared by the senders; asyncio never switches inside next()
+    statuses: collections.Counter = collections.Counter()
+    x_cache: collections.Counter = collections.Counter()
     deadline = time.monotonic() + timeout_s
-    location = urlsplit(url)
-    path = (location.path.rstrip("/") or "") + "/counterfactual"
+    pool = urllib3.PoolManager(maxsize=concurrency, timeout=request_timeout_s, retries=False)
 
-    async def sender() -> None:
-        connection = HttpConnection(location.hostname, location.port or 80)
-        try:
-            for index in pending:
-                while True:
-                    if time.monotonic() > deadline:
-                        raise BenchmarkError(f"warming {len(bodies):,} distinct bodies took more than {timeout_s:g} s")
-                    try:
-                        status, headers, answer = await asyncio.wait_for(connection.post(path, bodies[index]),
-                                                                         request_timeout_s)
-                    except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, ValueError) as exc:
-                        raise BenchmarkError(f"warming: POST {url}/counterfactual failed: {exc!r}") from exc
-                    statuses[str(status)] = statuses.get(str(status), 0) + 1
-                    if status == 200:
-                        cache = headers.get("x-cache", "none")
-                        x_cache[cache] = x_cache.get(cache, 0) + 1
-                        answers[index] = as_cache_hit(answer)
-                        break
-                    if status not in (429, 503):
-                        raise BenchmarkError(f"warming: POST /counterfactual answered {status}: {answer[:300]!r}")
-                    try:
-                        wait = float(headers.get("retry-after", "0.2"))
-                    except ValueError:
-                        wait = 0.2
-                    await asyncio.sleep(min(max(wait, 0.05), 1.0))
-        finally:
-            await connection.close()
+    def send(index: int) -> None:
+        while True:
+            if time.monotonic() > deadline:
+                raise BenchmarkError(f"warming {len(bodies):,} distinct bodies took more than {timeout_s:g} s")
+            try:
+                answer = pool.request("POST", f"{url.rstrip('/')}/counterfactual", body=bodies[index],
+                                      headers=JSON_HEADERS)
+            except urllib3.exceptions.HTTPError as exc:
+                raise BenchmarkError(f"warming: POST {url}/counterfactual failed: {exc!r}") from exc
+            statuses[str(answer.status)] += 1
+            if answer.status == 200:
+                x_cache[answer.headers.get("x-cache", "none")] += 1
+                answers[index] = as_cache_hit(answer.data)
+                return
+            if answer.status not in (429, 503):
+                raise BenchmarkError(f"warming: POST /counterfactual answered {answer.status}: {answer.data[:300]!r}")
+            try:
+                wait = float(answer.headers.get("retry-after", "0.2"))
+            except ValueError:
+                wait = 0.2
+            time.sleep(min(max(wait, 0.05), 1.0))
 
     started = time.perf_counter()
-    await asyncio.gather(*(sender() for _ in range(max(1, min(concurrency, len(bodies))))))
+    try:
+        with ThreadPoolExecutor(max(1, min(concurrency, len(bodies)))) as senders:
+            list(senders.map(send, range(len(bodies))))
+    finally:
+        pool.clear()
     seconds = time.perf_counter() - started
     return answers, {"bodies": len(bodies), "concurrency": concurrency, "seconds": seconds,
                      "answers_per_second": len(bodies) / seconds if seconds else None,
