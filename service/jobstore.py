@@ -104,13 +104,15 @@ class JobStore:
 
     async def views(self, records: list[dict]) -> list[dict]:
         """Status bodies of job hashes, their progress read in one round trip (an ended job's from its hash)."""
+        progress = [recorded_progress(record) for record in records]
+        unrecorded = [record for record, done in zip(records, progress) if done is None]
         pipe = self.redis.pipeline()
-        for record in records:
+        for record in unrecorded:
             chunks = job_chunks_key(record["id"])
             pipe.scard(chunks).sismember(chunks, int(record["chunks"]) - 1)
-        counts = await pipe.execute()
-        return [status_view(record, *(recorded_progress(record) or (counts[2 * i], bool(counts[2 * i + 1]))))
-                for i, record in enumerate(records)]
+        counts = iter(await pipe.execute() if unrecorded else [])
+        return [status_view(record, *(done or (next(counts), bool(next(counts)))))
+                for record, done in zip(records, progress)]
 
     async def status(self, job_id: str, owner: str) -> dict:
         (status,) = await self.views([await self.record(job_id, owner)])

@@ -224,27 +224,25 @@ class Supervisor:
                 self.start_worker(worker)
                 say(f"{worker.name} restarted (pid {worker.process.pid})")
 
-    def start_local_redis(self, name: str, port: int, max_memory: str | None = None) -> None:
-        """Start Redis `name` (redis or cache) on 127.0.0.1:`port` and wait until it answers."""
-        with open(self.logs / f"{name}.log", "ab") as log:
-            self.fatal[name] = start_redis(port, log, max_memory)
-        bound = f", maxmemory {max_memory}, allkeys-lru" if max_memory else ""
-        say(f"{name} started (pid {self.fatal[name].pid}, port {port}{bound})")
-        url, deadline = f"redis://127.0.0.1:{port}/0", time.monotonic() + 10
-        while not redis_answers(url):
-            self.check()
-            if time.monotonic() > deadline:
-                raise StartupError(f"timed out after 10 s waiting for {name}; see {self.logs}/{name}.log")
-            self.pause(0.1)
-
     def ensure_redis(self, name: str, url: str, max_memory: str | None = None) -> None:
-        """Start Redis `name` at `url` unless one answers there; only on this machine."""
+        """Start Redis `name` (redis or cache) at `url` unless one answers there, only on this machine, and wait
+        until it answers."""
         if redis_answers(url):
             return
         location = urlsplit(url)
         if location.hostname not in ("127.0.0.1", "localhost"):
             raise StartupError(f"no Redis answers at {url}")
-        self.start_local_redis(name, location.port or 6379, max_memory)
+        port = location.port or 6379
+        with open(self.logs / f"{name}.log", "ab") as log:
+            self.fatal[name] = start_redis(port, log, max_memory)
+        bound = f", maxmemory {max_memory}, allkeys-lru" if max_memory else ""
+        say(f"{name} started (pid {self.fatal[name].pid}, port {port}{bound})")
+        deadline = time.monotonic() + 10
+        while not redis_answers(url):
+            self.check()
+            if time.monotonic() > deadline:
+                raise StartupError(f"timed out after 10 s waiting for {name}; see {self.logs}/{name}.log")
+            self.pause(0.1)
 
     def start_redis_servers(self) -> None:
         """The broker Redis unless one answers; the cache Redis (always, unless SKDCGN_CACHE_URL names a running
