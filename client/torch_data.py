@@ -1,5 +1,6 @@
-"""torch.utils.data datasets of counterfactuals: a downloaded npz, downloaded tar shards, and a stream of fresh
-counterfactuals from a running service. The only module of `client` that imports torch.
+"""torch.utils.data datasets of counterfactuals: a downloaded npz, downloaded tar shards, webdataset shards streamed
+from the result store (s3:// or presigned https, no download first), and a stream of fresh counterfactuals from a
+running service. The only module of `client` that imports torch.
 
 Each sample is `(image, target)`: image float32 [3, H, W] in [0, 1] (or what `transform` makes of the uint8
 [H, W, 3] array), target the shape label (`target="shape"`, the label an invariant classifier learns), another
@@ -145,6 +146,37 @@ class ShardCounterfactuals(_Samples, Dataset):
 
     def __getstate__(self):
         return {**self.__dict__, "_handles": {}}
+
+
+class StoredShards(_Samples, IterableDataset):
+    """A webdataset job's shards streamed from where they are (client.store.open_shard: s3:// with your AWS_*
+    credentials, a presigned https `store_url`, or a path), one tar after another, nothing downloaded first; each
+    DataLoader worker reads every W-th shard. `client.store.shard_urls(status)` lists a job's shards."""
+
+    def __init__(self, urls: Sequence[str], target: str = "shape", transform: Optional[Callable] = None,
+                 target_transform: Optional[Callable] = None, with_meta: bool = False):
+        super().__init__(target, transform, target_transform, with_meta)
+        if not urls:
+            raise ValueError("no shard URLs")
+        self.urls = list(urls)
+
+    def __iter__(self):
+        from client.store import open_shard
+
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        for url in self.urls[worker::workers]:
+            with open_shard(url) as stream, tarfile.open(fileobj=stream, mode="r|") as archive:
+                png = None
+                for member in archive:  # a sample's members come together: <key>.png, <key>.cls, <key>.json
+                    if member.name.endswith(".png"):
+                        png = archive.extractfile(member).read()
+                    elif member.name.endswith(".json") and png is not None:
+                        meta = json.loads(archive.extractfile(member).read())
+                        image = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+                        labels = (meta["shape"], meta["texture"], meta["background"])
+                        yield self._sample(image, labels, meta["index"], meta["seed"])
+                        png = None
 
 
 # Request seeds: (seed, epoch, request r) ↦ seed·2^40 + epoch·2^24 + r, one-to-one within these bounds, so no two

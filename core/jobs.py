@@ -6,9 +6,9 @@ chunk messages name only the job and the chunk. Every state change goes through 
 exactly once and a cancelled job never moves again; a chunk counts as done only while its job is active, so
 progress never rises after a cancel, and the move that ends a job folds its progress into the hash and deletes its
 chunks set. Every Redis key lives under `skdcgn:` in the broker Redis (noeviction).
-Files live under the jobs directory the gateway shares with the workers: `<jobs_dir>/<id>/chunks/*.npz` while
-the job runs, then the result files (`result_files`): `result.npz`; or the tar shards `result-<shard>.tar` of a png
-or webdataset job, a webdataset job's with `provenance.json` and `SHA256SUMS` beside them. The worker that
+Files live in the result store (core.results: a folder, or an S3-compatible bucket): `<id>/chunks/*.npz` while
+the job runs, then the result files (`result_file_names`): `result.npz`; or the tar shards `result-<shard>.tar` of
+a png or webdataset job, a webdataset job's with `provenance.json` and `SHA256SUMS` beside them. The worker that
 assembles a job records every result file's name, size and sha256 in the job hash (`files`, JSON) as the job
 succeeds, so clients can verify what they download.
 """
@@ -18,10 +18,8 @@ import datetime as dt
 import hashlib
 import json
 import re
-import shutil
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 from core.vocabulary import ACTIVE_STATES, ENDED_STATES, QUEUED, RUNNING, TAR_FORMATS
 
@@ -189,36 +187,28 @@ class JobSpec:
         return cls(**json.loads(text))
 
 
-def job_dir(jobs_dir: Path, job_id: str) -> Path:
-    """A job's folder under the jobs directory; the id is checked first so no path can escape it."""
+def check_job_id(job_id: str) -> str:
+    """The id, checked before it names a folder or a key, so no path can escape the job's own."""
     if not JOB_ID_PATTERN.match(job_id):
         raise ValueError(f"invalid job id {job_id!r}: job ids are 32 lowercase hex digits")
-    return Path(jobs_dir) / job_id
+    return job_id
 
 
-def chunk_path(jobs_dir: Path, job_id: str, chunk: int) -> Path:
-    return job_dir(jobs_dir, job_id) / "chunks" / f"{chunk:06d}.npz"
-
-
-def result_paths(jobs_dir: Path, job_id: str, fmt: str, shards: int) -> list[Path]:
+def result_names(fmt: str, shards: int) -> list[str]:
     """The data files of a job's result: result.npz, or its tar shards (`?shard=i` of GET /jobs/{id}/result)."""
-    directory = job_dir(jobs_dir, job_id)
     if fmt == "npz":
-        return [directory / "result.npz"]
-    return [directory / f"result-{shard:05d}.tar" for shard in range(shards)]
+        return ["result.npz"]
+    return [f"result-{shard:05d}.tar" for shard in range(shards)]
 
 
-def sidecar_paths(jobs_dir: Path, job_id: str, fmt: str) -> list[Path]:
+def sidecar_names(fmt: str) -> list[str]:
     """Files beside the data files: a webdataset job's provenance.json and SHA256SUMS (the shards hold samples only)."""
-    if fmt != "webdataset":
-        return []
-    directory = job_dir(jobs_dir, job_id)
-    return [directory / PROVENANCE_NAME, directory / CHECKSUMS_NAME]
+    return [PROVENANCE_NAME, CHECKSUMS_NAME] if fmt == "webdataset" else []
 
 
-def result_files(jobs_dir: Path, job_id: str, fmt: str, shards: int) -> list[Path]:
+def result_file_names(fmt: str, shards: int) -> list[str]:
     """Every file of a job's result, in the order a client downloads them."""
-    return result_paths(jobs_dir, job_id, fmt, shards) + sidecar_paths(jobs_dir, job_id, fmt)
+    return result_names(fmt, shards) + sidecar_names(fmt)
 
 
 def checksums_text(digests: dict[str, str]) -> str:
@@ -236,13 +226,3 @@ def parse_files(text: str | None) -> list[dict] | None:
     """The `files` field of a job hash; None for a job without one (not succeeded, or assembled by an older
     release)."""
     return json.loads(text) if text else None
-
-
-def discard_chunks(jobs_dir: Path, job_id: str) -> None:
-    """Remove a job's chunk files (assembled, cancelled or failed: nobody reads them again)."""
-    shutil.rmtree(job_dir(jobs_dir, job_id) / "chunks", ignore_errors=True)
-
-
-def discard_job_files(jobs_dir: Path, job_id: str) -> None:
-    """Remove everything a job wrote: its chunks and its results."""
-    shutil.rmtree(job_dir(jobs_dir, job_id), ignore_errors=True)

@@ -198,6 +198,13 @@ class Settings:
     redis_timeout_s: float = setting("REDIS_TIMEOUT_S", 1.0, _number(float, minimum=0.05))
     # samples per tar shard of a png job's result
     job_shard_size: int = setting("JOB_SHARD_SIZE", 100_000, _number(minimum=1))
+    # where job results live: empty for SKDCGN_JOBS_DIR itself, another folder, or s3://bucket/prefix (an S3-compatible
+    # store; endpoint and keys from AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION)
+    results_url: str = setting("RESULTS_URL", "")
+    # how long the presigned store URLs in a job's status stay valid (0: none; a folder store has none anyway)
+    results_url_ttl_s: int = setting("RESULTS_URL_TTL_S", 3600, _number(minimum=0))
+    # the store's endpoint as clients reach it, when they reach it under another name than the gateway (compose)
+    results_public_endpoint: str | None = setting("RESULTS_PUBLIC_ENDPOINT", None, _optional)
     # an ended job's record and files live this long after it ended
     job_retention_s: float = setting("JOB_RETENTION_S", 7 * 24 * 3600.0, _number(float, minimum=0.1))
     # how often the gateway removes expired jobs

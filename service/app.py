@@ -21,6 +21,7 @@ from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.middleware import Middleware
 
+from core.results import store_for
 from core.settings import Settings
 from service.api import api_router
 from service.batcher import RenderBatcher
@@ -57,7 +58,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     broker = Broker(settings)
     metrics = GatewayMetrics()
     gw = Gateway(settings, ModelCatalog(settings.models_dir), broker, metrics,
-                 JobStore(broker.redis, settings.jobs_dir), RenderBatcher(broker, settings, metrics))
+                 JobStore(broker.redis, store_for(settings), settings.results_url_ttl_s), RenderBatcher(broker, settings, metrics))
     broker.on_down.append(gw.batcher.fail_all)
     broker.on_worker_lost.append(gw.batcher.resend_lost)
     metrics.render_waiting.set_function(gw.batcher.waiting)

@@ -16,6 +16,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match, Route, compile_path
 
+from core.results import StoreError
+
 
 class ServiceError(Exception):
     """An answer other than 2xx, with a message the caller can act on."""
@@ -139,7 +141,12 @@ def add_error_handlers(app: FastAPI, redis_where: str) -> None:
         return error_response(503, f"Redis at {redis_where} is unreachable ({exc}); retry shortly",
                               {"Retry-After": "5"})
 
+    async def store_down(_: Request, exc: StoreError) -> JSONResponse:
+        return error_response(503, f"the result store is unreachable or refused ({clip(exc, MESSAGE_CHARS)}); retry "
+                                   "shortly", {"Retry-After": "5"})
+
     app.add_exception_handler(ServiceError, service_error)
+    app.add_exception_handler(StoreError, store_down)
     app.add_exception_handler(redis.exceptions.ConnectionError, redis_down)
     app.add_exception_handler(redis.exceptions.TimeoutError, redis_down)
     app.add_exception_handler(RequestValidationError, validation_error)

@@ -4,25 +4,27 @@ A job hash (`skdcgn:job:<id>`) holds the job's status fields and its spec (core.
 gateway and moved through its states by core.jobs's transitions, by the gateway and the workers alike. Each owner
 (the hash of an API key, or `public`) has an index of its jobs by creation time, which GET /jobs pages through; the
 transition script files ended jobs by end time, which is the retention clock, so the cleanup never sees a queued or
-running job. Result files live in the data directory the gateway shares with the workers.
+running job. Result files live in the result store (core.results: a folder, or an S3-compatible bucket); the
+gateway reads them there, removes a job's files with its record, and removes what no record names (orphans).
+Store calls run in threads under a deadline: a store that hangs delays a delete or a download, never the event loop.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import datetime as dt
 import math
 import re
-import shutil
 import time
-from pathlib import Path
 
 import redis.asyncio as aioredis
 
 from core.jobs import (
-    JOB_ID_PATTERN, JOBS_ENDED_KEY, JobSpec, discard_chunks, discard_job_files, done_samples, end_args, job_chunks_key,
-    job_key, job_rate_key, jobs_index_key, parse_files, recorded_progress,
+    JOB_ID_PATTERN, JOBS_ENDED_KEY, JobSpec, done_samples, end_args, job_chunks_key, job_key, job_rate_key,
+    jobs_index_key, parse_files, recorded_progress,
 )
 from core.messages import STATS_KEY
+from core.results import ResultStore, StoreError, file_key, job_prefix
 from core.vocabulary import CANCELLED, QUEUED, SUCCEEDED
 from service.errors import ServiceError, clip
 
@@ -30,6 +32,7 @@ logger = logging.getLogger(__name__)
 CURSOR_PATTERN = re.compile(r"^(\d+):([0-9a-f]{32})$")  # "<created epoch ms>:<id>" of the last job of a page
 SCAN_BATCH = 100  # index entries read per round trip while filling a page or expiring jobs
 RATE_WINDOW_S = 60  # SKDCGN_JOB_CREATE_RATE counts jobs per owner in fixed windows of this many seconds
+STORE_DEADLINE_S = 60.0  # one store call from the gateway (botocore retries inside it): then 503, or a later pass
 STATUS_FIELDS = ("id", "state", "model", "version", "manifest_sha256", "format", "created", "started", "finished",
                  "error")
 
@@ -49,9 +52,32 @@ def status_view(record: dict, done_chunks: int, last_chunk_done: bool) -> dict:
     return status
 
 
+async def in_store(call, *args):
+    """A blocking store call in a thread, under STORE_DEADLINE_S; StoreError (503 where a request waits) otherwise."""
+    try:
+        return await asyncio.wait_for(asyncio.to_thread(call, *args), STORE_DEADLINE_S)
+    except asyncio.TimeoutError:
+        raise StoreError(f"the result store did not answer within {STORE_DEADLINE_S:g} s") from None
+
+
 class JobStore:
-    def __init__(self, client: aioredis.Redis, jobs_dir: Path):
-        self.redis, self.jobs_dir = client, Path(jobs_dir)
+    def __init__(self, client: aioredis.Redis, results: ResultStore, url_ttl_s: int = 0):
+        self.redis, self.results, self.url_ttl_s = client, results, url_ttl_s
+
+    def store_links(self, status: dict) -> dict:
+        """Add a presigned `store_url` (and when it expires) to each file of a succeeded job whose store has URLs:
+        a direct download that bypasses the gateway. Signed locally (no request to the store)."""
+        expires = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=self.url_ttl_s)
+        for item in status["files"] or []:
+            try:
+                url = self.results.url(file_key(status["id"], item["name"]), self.url_ttl_s)
+            except Exception as exc:  # no credentials to sign with: the gateway's URL still serves the file
+                logger.warning("cannot presign %s: %s", item["name"], exc)
+                return status
+            if url is None:
+                return status
+            item.update(store_url=url, store_url_expires=expires.isoformat(timespec="seconds"))
+        return status
 
     async def create(self, spec: JobSpec, owner: str) -> None:
         """Store the job once: its status fields and its spec, which chunk messages refer to by id."""
@@ -90,7 +116,11 @@ class JobStore:
         if not await self.redis.eval(*end_args(job_id, CANCELLED)):
             return False
         await self.redis.hincrby(STATS_KEY, "jobs_cancelled", 1)
-        await asyncio.to_thread(discard_chunks, self.jobs_dir, job_id)
+        try:
+            await in_store(self.results.remove, f"{job_id}/chunks/")
+        except (StoreError, OSError) as exc:  # the job's record stays until retention, whose pass removes its files
+            logger.warning("job %s cancelled, its chunks stay in the store until retention removes them: %s",
+                           job_id, exc)
         return True
 
     async def record(self, job_id: str, owner: str) -> dict:
@@ -116,7 +146,7 @@ class JobStore:
 
     async def status(self, job_id: str, owner: str) -> dict:
         (status,) = await self.views([await self.record(job_id, owner)])
-        return status
+        return self.store_links(status)
 
     async def page(self, owner: str, state: str | None, limit: int, cursor: str | None) -> dict:
         """Up to `limit` of the owner's jobs in `state` (any when None), newest first, after `cursor`."""
@@ -149,9 +179,10 @@ class JobStore:
         return {"jobs": jobs, "next_cursor": f"{page[-1][0]}:{page[-1][1]['id']}" if more else None}
 
     async def delete(self, record: dict) -> None:
-        """Remove an ended job: its files first, then its record and index entries."""
+        """Remove an ended job: its files first (StoreError when the store cannot, and the record stays), then its
+        record and index entries."""
         job_id = record["id"]
-        await asyncio.to_thread(discard_job_files, self.jobs_dir, job_id)
+        await in_store(self.results.remove, job_prefix(job_id))
         pipe = self.redis.pipeline()
         pipe.delete(job_key(job_id), job_chunks_key(job_id))
         pipe.zrem(jobs_index_key(record["owner"]), job_id).zrem(JOBS_ENDED_KEY, job_id)
@@ -171,17 +202,20 @@ class JobStore:
         return removed
 
     async def remove_orphans(self, retention_s: float) -> int:
-        """Delete job folders that no record names (Redis restarted without persistence) once they are older than
-        the retention period; returns how many."""
+        """Delete the files of jobs that no record names (Redis restarted without persistence, a worker that stored
+        a chunk as its job was deleted) once nothing of theirs changed for the retention period, and abort multipart
+        uploads older than it (a worker killed mid-upload); returns how many jobs. Walks the store: a background
+        pass, never a request's work."""
         cutoff, removed = time.time() - retention_s, 0
-        folders = await asyncio.to_thread(lambda: [entry for entry in self.jobs_dir.iterdir() if entry.is_dir()]
-                                          if self.jobs_dir.is_dir() else [])
-        for folder in folders:
-            if not JOB_ID_PATTERN.match(folder.name) or await self.redis.exists(job_key(folder.name)):
+        for job_id in await in_store(lambda: list(self.results.jobs())):
+            if not JOB_ID_PATTERN.match(job_id) or await self.redis.exists(job_key(job_id)):
                 continue
-            if (await asyncio.to_thread(folder.stat)).st_mtime < cutoff:
-                await asyncio.to_thread(shutil.rmtree, folder, ignore_errors=True)
+            newest = await in_store(self.results.newest, job_prefix(job_id))
+            if newest is not None and newest < cutoff:
+                await in_store(self.results.remove, job_prefix(job_id))
                 removed += 1
+        if aborted := await in_store(self.results.stale_uploads, cutoff):
+            logger.info("aborted %d multipart uploads begun before the retention period", aborted)
         return removed
 
     async def cleanup_forever(self, retention_s: float, interval_s: float) -> None:
@@ -190,6 +224,6 @@ class JobStore:
             try:
                 await self.expire(retention_s)
                 await self.remove_orphans(retention_s)
-            except Exception:  # Redis away, a file system hiccup: the next pass retries, the gateway serves on
+            except Exception:  # Redis away, the store away, a file system hiccup: the next pass retries, the gateway serves on
                 logger.exception("job cleanup failed; retrying in %g s", interval_s)
             await asyncio.sleep(interval_s)

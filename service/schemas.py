@@ -139,6 +139,10 @@ class JobFile(BaseModel):
     bytes: int
     sha256: str = Field(description="computed by the worker that assembled the result")
     url: str = Field(description="GET it (HTTP Range requests resume an interrupted download)")
+    store_url: Optional[str] = Field(None, description="with results in an S3-compatible store: a presigned URL that "
+                                                       "downloads the file straight from the store, until "
+                                                       "store_url_expires (SKDCGN_RESULTS_URL_TTL_S)")
+    store_url_expires: Optional[str] = None
 
 
 class JobStatus(BaseModel):

@@ -51,8 +51,10 @@ class ServiceStack:
     def stop_redis(self) -> None:
         stop([self.redis_process])
 
-    def start_worker(self, name: str = "worker1") -> subprocess.Popen:
-        self.workers[name] = start_worker(self.env, self.log(name), name)
+    def start_worker(self, name: str = "worker1", **settings: str) -> subprocess.Popen:
+        """A worker process; `settings` (SKDCGN_<NAME> values) are its own, e.g. a private jobs_dir."""
+        env = self.env | {f"SKDCGN_{key.upper()}": str(value) for key, value in settings.items()}
+        self.workers[name] = start_worker(env, self.log(name), name)
         return self.workers[name]
 
     def kill_worker(self, name: str = "worker1") -> None:

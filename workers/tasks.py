@@ -18,15 +18,17 @@ from celery import signals
 from core.messages import (
     CHUNK_TASK, RENDER_TASK, STATS_KEY, BatchReply, ChunkTask, MessageSchemaError, RenderBatch, RenderReply, reply_key,
 )
+from core.results import store_for
 from workers.celery_app import app, settings
 from workers.engine import LoadedModels, render_batch
-from workers.jobs import run_chunk
+from workers.jobs import run_chunk, sweep_scratch
 from workers.metrics import WorkerMetrics
 from workers.presence import WorkerPresence
 
 logger = logging.getLogger(__name__)
 models = LoadedModels(settings.models_dir, settings.models_loaded_max, settings.ort_threads)
 metrics = WorkerMetrics()
+results = store_for(settings)  # where chunks and results go (SKDCGN_RESULTS_URL); SKDCGN_JOBS_DIR is the scratch
 _clients: dict[int, redis.Redis] = {}
 
 
@@ -49,6 +51,11 @@ def start_presence(sender=None, **_) -> None:
     presence.start()
     presences.append(presence)
     metrics.serve(settings.worker_metrics_port)
+    try:
+        if removed := sweep_scratch(broker_client(), results):
+            logger.info("removed the scratch files of %d ended jobs from %s", removed, results.scratch)
+    except (OSError, redis.RedisError) as exc:
+        logger.warning("could not sweep the scratch folder %s: %s", results.scratch, exc)
 
 
 @signals.worker_shutdown.connect
@@ -95,4 +102,4 @@ def render_chunk(message: dict) -> None:
     """Render one chunk of a dataset job (a message of another contract version raises, and is logged)."""
     task = ChunkTask.from_dict(message)
     queued_for(task.sent_at, "chunk")
-    run_chunk(broker_client(), models, settings, metrics, task)
+    run_chunk(broker_client(), models, settings, results, metrics, task)

@@ -2,8 +2,9 @@
 
 A job is checked before it is queued (the model and its labels, n, shard size, the disk its result needs, the
 key's active jobs, the jobs queue and the key's creation rate), then split into chunks that workers render in
-parallel. Its state lives in Redis (service.jobstore) and its files in the data directory; each result file is
-downloaded with the headers naming its model, and Range requests resume a download. With SKDCGN_API_KEYS set,
+parallel. Its state lives in Redis (service.jobstore) and its files in the result store (a folder or an S3-compatible
+bucket); each result file streams through the gateway with the headers naming its model, and Range requests resume
+a download. With SKDCGN_API_KEYS set,
 every route here needs a key, and each key sees only its own jobs.
 """
 from __future__ import annotations
@@ -14,20 +15,23 @@ import uuid
 from pathlib import Path
 from typing import Optional
 
-from fastapi import APIRouter, Query
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi import APIRouter, Header, Query
+from fastapi.responses import JSONResponse, Response
 
 from core.jobs import (
-    CHECKSUMS_NAME, JobSpec, chunk_count, job_dir, job_key, jobs_index_key, now_iso, result_files, result_paths,
+    CHECKSUMS_NAME, JobSpec, chunk_count, job_key, jobs_index_key, now_iso, result_file_names, result_names,
     shard_count,
 )
+from core.results import file_key
 from core.logs import request_id
 from core.messages import CHUNK_TASK, JOBS_QUEUE, ChunkTask
 from core.vocabulary import ACTIVE_STATES, MECHANISMS, SUCCEEDED, TAR_FORMATS
 from service.catalog import ResolvedModel
 from service.checks import check_labels, check_mechanisms, check_n, model_headers, pick_seed, resolve_model
+from service.downloads import stored_file
 from service.errors import ServiceError, clip, human_size
 from service.gateway import Gateway, GatewayDep, OwnerDep
+from service.jobstore import in_store
 from service.schemas import JobChecksums, JobList, JobRequest, JobState, JobStatus
 
 CURSOR_MAX = 80
@@ -63,9 +67,13 @@ def sample_bytes(model: ResolvedModel, fmt: str) -> int:
 
 
 def check_disk(gw: Gateway, model: ResolvedModel, n: int, fmt: str) -> None:
-    """507 when the job's result, with the chunk files it is assembled from and a margin, would not fit."""
+    """507 when the job's result, with the chunk files it is assembled from and a margin, would not fit in a folder
+    store. A bucket has no free space to measure: its quota is the store's business, and each worker's scratch holds
+    one chunk and one result file at a time."""
+    if gw.jobs.results.kind != "local":
+        return
     per_sample = 2 * sample_bytes(model, fmt)  # chunk files and the result coexist while the result is written
-    needed, free = n * per_sample + DISK_MARGIN_BYTES, free_bytes(gw.settings.jobs_dir)
+    needed, free = n * per_sample + DISK_MARGIN_BYTES, free_bytes(gw.jobs.results.root)
     if needed > free:
         fits = max(0, (free - DISK_MARGIN_BYTES) // per_sample)
         raise ServiceError(507, f"a job of n={n} needs about {human_size(needed)} in the jobs directory (its result, "
@@ -120,12 +128,12 @@ async def succeeded_status(gw: Gateway, job_id: str, owner: str) -> dict:
     return status
 
 
-def result_file_names(gw: Gateway, status: dict) -> list[str]:
+def listed_names(status: dict) -> list[str]:
     """Names of every file of a succeeded job's result (from its record; from the layout for a job assembled
     before the record listed them)."""
     if status["files"] is not None:
         return [item["name"] for item in status["files"]]
-    return [path.name for path in result_files(gw.settings.jobs_dir, status["id"], status["format"], status["shards"])]
+    return result_file_names(status["format"], status["shards"])
 
 
 router = APIRouter()
@@ -191,7 +199,7 @@ async def get_job(job_id: str, gw: GatewayDep, owner: OwnerDep):
             responses={200: {"content": {"application/octet-stream": {}, "application/x-tar": {},
                                          "application/json": {}, "text/plain": {}}},
                        206: {"description": "the byte range asked for with a Range header"}})
-async def get_job_result(job_id: str, gw: GatewayDep, owner: OwnerDep,
+async def get_job_result(job_id: str, gw: GatewayDep, owner: OwnerDep, range: Optional[str] = Header(None),
                          shard: Optional[int] = Query(None, ge=0, description="tar shard of a png or webdataset job"),
                          file: Optional[str] = Query(None, max_length=100,
                                                      description="any file of the result by name, as `files` in the "
@@ -204,23 +212,28 @@ async def get_job_result(job_id: str, gw: GatewayDep, owner: OwnerDep,
     if file is not None:
         if shard is not None:
             raise ServiceError(422, "ask for ?shard= or ?file=, not both")
-        names = result_file_names(gw, status)
+        names = listed_names(status)
         if file not in names:
             raise ServiceError(404, f"job {job_id} has no file {clip(file)!r}; its files are {', '.join(names)}")
-        path, filename = job_dir(gw.settings.jobs_dir, job_id) / file, file
+        name, filename = file, file
     else:
         if shard is None and shards > 1:
             raise ServiceError(422, f"shard: job {job_id}'s result is {shards} tar shards; ask for "
                                     f"?shard=0 .. {shards - 1}")
         if (shard or 0) >= shards:
             raise ServiceError(404, f"job {job_id} has no shard {shard}; its shards are 0 .. {shards - 1}")
-        path = result_paths(gw.settings.jobs_dir, job_id, status["format"], shards)[shard or 0]
-        filename = f"{job_id}{path.suffix}" if shards == 1 else f"{job_id}-{shard:05d}{path.suffix}"
-    if not path.is_file():
-        raise ServiceError(410, f"the result file {path.name} of job {job_id} is gone from the data directory")
-    media = "text/plain" if path.name == CHECKSUMS_NAME else RESULT_MEDIA.get(path.suffix, "application/octet-stream")
-    return FileResponse(path, media_type=media, filename=filename,
-                        headers=model_headers(status["model"], status["version"], status["manifest_sha256"]))
+        name = result_names(status["format"], shards)[shard or 0]
+        suffix = Path(name).suffix
+        filename = f"{job_id}{suffix}" if shards == 1 else f"{job_id}-{shard:05d}{suffix}"
+    key = file_key(job_id, name)
+    size = await in_store(gw.jobs.results.size, key)
+    if size is None:
+        raise ServiceError(410, f"the result file {name} of job {job_id} is gone from the result store")
+    media = "text/plain" if name == CHECKSUMS_NAME else RESULT_MEDIA.get(Path(name).suffix, "application/octet-stream")
+    recorded = {item["name"]: item["sha256"] for item in status["files"] or []}
+    return stored_file(gw.jobs.results, key, size, range, media, filename,
+                       model_headers(status["model"], status["version"], status["manifest_sha256"]),
+                       recorded.get(name))
 
 
 @router.get("/jobs/{job_id}/checksums", response_model=JobChecksums)
