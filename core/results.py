@@ -177,6 +177,23 @@ class S3Results:
         except BotoCoreError as exc:
             raise StoreError(f"{what} {self.describe(key)} failed: {type(exc).__name__}: {exc}") from exc
 
+    def create_bucket(self) -> bool:
+        """Create the bucket unless it exists (compose's start-up, a new store); True when this call created it."""
+        from botocore.exceptions import ClientError
+
+        client = self.client()
+        try:
+            client.head_bucket(Bucket=self.bucket)
+            return False
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") not in ("404", "NoSuchBucket", "NotFound"):
+                raise
+        region = client.meta.region_name
+        options = {} if region in (None, "us-east-1") else {
+            "CreateBucketConfiguration": {"LocationConstraint": region}}
+        client.create_bucket(Bucket=self.bucket, **options)
+        return True
+
     def put(self, source: Path, key: str) -> None:
         """Upload, in parts above PART_BYTES (boto3 aborts a multipart upload whose part fails), then remove the
         local file: the object appears only once complete."""
@@ -295,3 +312,18 @@ def open_results(results_url: str, scratch: Path, public_endpoint: str | None = 
 def store_for(settings) -> ResultStore:
     """The store of a core.settings.Settings: SKDCGN_RESULTS_URL, with SKDCGN_JOBS_DIR as the local scratch."""
     return open_results(settings.results_url, settings.jobs_dir, settings.results_public_endpoint)
+
+
+if __name__ == "__main__":  # python -m core.results create-bucket: the bucket SKDCGN_RESULTS_URL names
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m core.results", description=__doc__.split("\n\n")[0])
+    parser.add_argument("command", choices=["create-bucket"])
+    parser.add_argument("--url", default=os.environ.get("SKDCGN_RESULTS_URL", ""),
+                        help="s3://bucket/prefix (default: SKDCGN_RESULTS_URL)")
+    arguments = parser.parse_args()
+    store = open_results(arguments.url, Path("."))
+    if not isinstance(store, S3Results):
+        parser.error(f"--url {arguments.url!r} is not an s3:// URL: a folder store needs no bucket")
+    created = store.create_bucket()
+    print(f"bucket {store.bucket} {'created' if created else 'exists'} at {store.client().meta.endpoint_url}")

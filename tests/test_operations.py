@@ -7,6 +7,7 @@ and the GPU refusal is exercised on this machine's CPU onnxruntime.
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 import shutil
 import subprocess
@@ -204,6 +205,29 @@ def test_compose_runs_a_cpu_worker_by_default_and_the_gpu_worker_under_its_profi
     default = subprocess.run(["docker-compose", "-f", "docker-compose.yml", "config", "-q"], cwd=REPO,
                              capture_output=True, text=True, check=False)
     assert default.returncode == 0, default.stderr
+
+
+@pytest.mark.skipif(not shutil.which("docker-compose"), reason="docker-compose (Debian's 1.29) is not installed")
+def test_compose_keeps_the_shared_volume_by_default_and_points_everything_at_a_store_under_the_s3_profile():
+    def config(*options: str, **env: str) -> dict:
+        result = subprocess.run(["docker-compose", "-f", "docker-compose.yml", *options, "config"], cwd=REPO,
+                                capture_output=True, text=True, check=False, env={**os.environ, **env})
+        assert result.returncode == 0, result.stderr
+        return yaml.safe_load(result.stdout)["services"]
+
+    default = config()
+    assert default["s3"]["profiles"] == default["s3-bucket"]["profiles"] == ["s3"]  # started only under the profile
+    for name in ("gateway", "worker-cpu"):
+        assert default[name]["environment"]["SKDCGN_RESULTS_URL"] == ""
+        assert any(str(volume).startswith("job-data:") or "job-data" in str(volume) for volume in default[name]["volumes"])
+    store = config("--profile", "s3", SKDCGN_RESULTS_URL="s3://skdcgn-results/jobs")
+    assert re.fullmatch(r"chrislusf/seaweedfs:\d+\.\d+", store["s3"]["image"]), "the store's image is pinned"
+    assert store["s3-bucket"]["command"] == ["python", "-m", "core.results", "create-bucket"]
+    for name in ("gateway", "worker-cpu", "s3-bucket"):
+        environment = store[name]["environment"]
+        assert environment["SKDCGN_RESULTS_URL"] == "s3://skdcgn-results/jobs"
+        assert environment["AWS_ENDPOINT_URL"] == "http://s3:8333"
+        assert environment["AWS_ACCESS_KEY_ID"] == store["s3"]["environment"]["AWS_ACCESS_KEY_ID"]
 
 
 # --- SKDCGN_REQUIRE_GPU ------------------------------------------------------------------------------------------
