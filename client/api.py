@@ -82,12 +82,14 @@ class Rendered:
 
 @dataclass(frozen=True)
 class JobFile:
-    """One file of a job's result: name, size, the sha256 the worker computed, and its URL."""
+    """One file of a job's result: name, size, the sha256 the worker computed, its URL, and with results in an object
+    store a presigned URL straight to it (client.store reads it)."""
 
     name: str
     bytes: int
     sha256: str
     url: str
+    store_url: Optional[str] = None
 
 
 @dataclass
@@ -119,7 +121,7 @@ class Job:
                    status["format"], status["shards"], status["seed"], status["model"], status["version"],
                    status["manifest_sha256"], status["created"], status.get("started"), status.get("finished"),
                    status.get("error"), status.get("result_url"),
-                   [JobFile(f["name"], f["bytes"], f["sha256"], f["url"]) for f in files] if files else None, status)
+                   [JobFile(f["name"], f["bytes"], f["sha256"], f["url"], f.get("store_url")) for f in files] if files else None, status)
 
     @property
     def ended(self) -> bool:

@@ -55,9 +55,10 @@ def register_webdataset() -> None:
     gopen_schemes["s3"] = _gopen_s3
 
 
-def shard_urls(status: dict, results_url: str | None = None) -> list[str]:
-    """The tar shards of a succeeded job (its GET /jobs/{id} body): under `results_url` (the service's
-    SKDCGN_RESULTS_URL, s3://bucket/prefix) when given, else the presigned `store_url`s of its status."""
+def shard_urls(job, results_url: str | None = None) -> list[str]:
+    """The tar shards of a succeeded job (a client.Job, or its GET /jobs/{id} body): under `results_url` (the
+    service's SKDCGN_RESULTS_URL, s3://bucket/prefix) when given, else the presigned `store_url`s of its status."""
+    status = job.raw if hasattr(job, "raw") else job
     if status.get("state") != SUCCEEDED:
         raise ValueError(f"job {status.get('id')} is {status.get('state')}: its shards exist once it has succeeded")
     names = result_names(status["format"], status["shards"])

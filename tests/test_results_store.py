@@ -8,62 +8,26 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-import boto3
 import httpx
 import pytest
 
+from benchmarks.s3_server import S3Server
 from client.store import register_webdataset, shard_urls
 from core.results import LocalResults, S3Results, chunk_key, open_results
 from service.downloads import byte_range
-from service.run_local import free_port, http_status, wait_until
 from tests.service_helpers import poll, wait_job
 from tests.service_stack import ServiceStack
 
 BUCKET = "skdcgn-results"
 JOB_N = 20_000
-AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-
-
-class S3Server:
-    """moto's S3 server on a free loopback port, with the bucket created; stop() and start() again keep nothing
-    (moto holds objects in memory), which the store-stopped test does not need."""
-
-    def __init__(self, root: Path):
-        self.root, self.port, self.process = root, free_port(), None
-        self.endpoint = f"http://127.0.0.1:{self.port}"
-        self.env = AWS_ENV | {"AWS_ENDPOINT_URL": self.endpoint}
-
-    def start(self) -> "S3Server":
-        log = open(self.root / "s3.log", "ab")
-        self.process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-                                        stdout=log, stderr=subprocess.STDOUT)
-        wait_until(lambda: http_status(f"{self.endpoint}/moto-api/") == 200, 30, "the S3 server",
-                   {"s3": self.process})
-        self.client().create_bucket(Bucket=BUCKET)
-        return self
-
-    def client(self):
-        return boto3.session.Session(aws_access_key_id="testing", aws_secret_access_key="testing",
-                                     region_name="us-east-1").client("s3", endpoint_url=self.endpoint)
-
-    def keys(self, prefix: str = "") -> list[str]:
-        listed = self.client().list_objects_v2(Bucket=BUCKET, Prefix=prefix)
-        return [item["Key"] for item in listed.get("Contents", [])]
-
-    def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(10)
 
 
 @pytest.fixture
 def s3(tmp_path, monkeypatch):
-    server = S3Server(tmp_path).start()
+    server = S3Server(tmp_path, BUCKET).start()
     for name, value in server.env.items():
         monkeypatch.setenv(name, value)
     yield server
