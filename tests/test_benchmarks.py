@@ -384,3 +384,18 @@ def test_serving_benchmark_against_the_real_service(stack, models_dir, tmp_path)
     first = result["distinct"]["first_seed"]  # the benchmark deletes what it stored for the minimal endpoint
     stored = [minimal_endpoint.body_key(serving.request_body(FAMILY, first + i)) for i in range(200)]
     assert stack.redis().exists(*stored) == 0
+
+
+def test_scaleout_benchmark_runs_every_arrangement_and_writes_results(models_dir, tmp_path):
+    """The four arrangements (folder and store, one worker and two) on tiny jobs: JSON and the RESULTS section."""
+    from benchmarks import scaleout
+
+    results_md = tmp_path / "RESULTS.md"
+    assert scaleout.main(["--models-dir", str(models_dir), "--n", "300", "--rounds", "1",
+                          "--results-dir", str(tmp_path), "--results-md", str(results_md)]) == 0
+    result = json.loads((tmp_path / f"scaleout_{FAMILY}.json").read_text())
+    assert [(row["layout"], row["workers"]) for row in result["summary"]] == [
+        ("folder", 1), ("folder", 2), ("s3", 1), ("s3", 2)]
+    assert all(run["samples_per_second"] > 0 and run["result_bytes"] > 0 for run in result["runs"])
+    assert result["summary"][0]["speedup"] == 1.0 and "cpu_steal" in result["host"]
+    assert "### Scale-out:" in results_md.read_text()
