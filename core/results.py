@@ -317,9 +317,11 @@ def store_for(settings) -> ResultStore:
 if __name__ == "__main__":  # python -m core.results create-bucket: the bucket SKDCGN_RESULTS_URL names
     import argparse
 
+    from core.settings import Settings
+
     parser = argparse.ArgumentParser(prog="python -m core.results", description=__doc__.split("\n\n")[0])
     parser.add_argument("command", choices=["create-bucket"])
-    parser.add_argument("--url", default=os.environ.get("SKDCGN_RESULTS_URL", ""),
+    parser.add_argument("--url", default=Settings.from_env().results_url,
                         help="s3://bucket/prefix (default: SKDCGN_RESULTS_URL)")
     arguments = parser.parse_args()
     store = open_results(arguments.url, Path("."))
