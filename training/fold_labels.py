@@ -38,18 +38,23 @@ def _label_only(graph: onnx.GraphProto, labels: set[str], constants: dict) -> li
     return found
 
 
-def _evaluate(model: onnx.ModelProto, label: str, outputs: list[str], classes: int) -> dict[str, np.ndarray]:
-    """The label-only tensors for labels 0 … classes-1, by onnxruntime on the graph cut at `outputs`."""
+def _evaluate(model: onnx.ModelProto, nodes: list, labels: set[str], outputs: list[str],
+              classes: int) -> dict[str, np.ndarray]:
+    """The label-only tensors for labels 0 … classes-1, by onnxruntime on the label-only nodes alone."""
     import onnxruntime as ort
 
-    graph = onnx.helper.make_graph(list(model.graph.node), "tables", [i for i in model.graph.input if i.name == label],
-                                   [helper.make_tensor_value_info(name, onnx.TensorProto.UNDEFINED, None)
-                                    for name in outputs], list(model.graph.initializer))
-    probe = helper.make_model(graph, opset_imports=model.opset_import)
+    constants = [node for node in model.graph.node if node.op_type == "Constant"]
+    inferred = onnx.shape_inference.infer_shapes(model).graph
+    types = {item.name: item for item in [*inferred.value_info, *inferred.output]}
+    graph = onnx.helper.make_graph(constants + nodes, "tables", [i for i in model.graph.input if i.name in labels],
+                                   [types[name] for name in outputs], list(model.graph.initializer))
+    probe = helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3  # the probe leaves most initializers unused, and onnxruntime would list each
     session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    return dict(zip(outputs, session.run(outputs, {label: np.arange(classes, dtype=np.int64)})))
+    every_class = np.arange(classes, dtype=np.int64)
+    return dict(zip(outputs, session.run(outputs, {label: every_class for label in labels})))
 
 
 def fold_labels(model: onnx.ModelProto, classes: int) -> onnx.ModelProto:
@@ -66,13 +71,10 @@ def fold_labels(model: onnx.ModelProto, classes: int) -> onnx.ModelProto:
     frontier = sorted({name for name in folded_outputs
                        if any(c not in folded for c in consumers.get(name, [])) or name in
                        {o.name for o in graph.output}})
-    tables: dict[str, np.ndarray] = {}
-    label_of: dict[str, str] = {}
-    for label in sorted(labels):
-        mine = [name for name in frontier if _depends_on(graph, name, label)]
-        if mine:
-            tables.update(_evaluate(model, label, mine, classes))
-            label_of.update({name: label for name in mine})
+    label_of = {}
+    for name in frontier:
+        (label_of[name],) = [label for label in labels if _depends_on(graph, name, label)]
+    tables = _evaluate(model, folded, labels, frontier, classes) if frontier else {}
     for name, table in tables.items():
         if table.shape[:1] != (classes,):
             raise ValueError(f"{name}: a label-only tensor without the batch axis first ({table.shape})")
