@@ -42,6 +42,9 @@ from training.students import TinyGenerator
 from training.teachers import load_teacher, teacher_for_family
 
 BATCHES = (1, 64, 256)  # the defaults of --batches
+SWEEP = (8, 16, 32, 64, 128, 256)  # the like-for-like comparison judges each engine at its best batch among these
+THREAD_COUNTS = (1, 2)  # ... at each of these onnxruntime thread counts
+PEAK_SIZE = 2048  # the FP32 peak: a square single-precision matrix product this large, the host's FMA-bound kernel
 OUTPUT_NAMES = {"shape": "mask", "texture": "texture", "background": "background"}
 
 
@@ -279,6 +282,12 @@ def run(args: argparse.Namespace) -> dict:
                     lambda b: onnx_steps(graphs, b, noise), args.batches, args.min_seconds)
                 latency[f"{name}/onnxruntime-{device}-fused"] = counterfactual_ms(
                     graphs.run_fused, noise, size, shuffle, args.min_seconds)
+            if device == "cpu" and args.sweep_rounds:
+                print("timing the fused graphs like for like ...", file=sys.stderr)
+                macs = {name: sum(result["cost"][name][m]["macs_per_image"] for m in MECHANISMS) for name in engines}
+                result["like_for_like"] = like_for_like(teacher_paths, students, noise, macs, args.sweep,
+                                                        args.thread_counts, args.sweep_rounds, args.min_seconds)
+                result["sweep"], result["sweep_rounds"] = args.sweep, args.sweep_rounds
             if device == "cpu" and args.rounds:
                 print(f"timing the fused graphs in {args.rounds} alternating rounds ...", file=sys.stderr)
                 fused = {name: onnx_steps(graphs, max(args.batches), noise)["fused"] for name, graphs in engines.items()}
@@ -297,6 +306,69 @@ def run(args: argparse.Namespace) -> dict:
     result["speedup"] = speedups(timings, result["speedup_batch"], family_targets and family_targets.fused_speedup,
                                  result.get("fused_rounds"))
     return result
+
+
+def fp32_peak_gflops(threads: int, reps: int = 5) -> float:
+    """The host's FP32 peak at `threads` threads as this machine reaches it: the fastest of `reps` PEAK_SIZE² sgemms
+    (FMA-bound, 2·n³ FLOPs) through PyTorch's BLAS."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        a, b = torch.randn(PEAK_SIZE, PEAK_SIZE), torch.randn(PEAK_SIZE, PEAK_SIZE)
+        torch.mm(a, b)
+        best = float("inf")
+        for _ in range(reps):
+            started = time.perf_counter()
+            torch.mm(a, b)
+            best = min(best, time.perf_counter() - started)
+        return 2 * PEAK_SIZE ** 3 / best / 1e9
+    finally:
+        torch.set_num_threads(previous)
+
+
+def like_for_like(teacher_paths: dict[str, Path], students: ModelRuntime, noise: NoiseSpec, macs: dict[str, int],
+                  sweep: list[int], thread_counts: list[int], rounds: int, min_seconds: float) -> dict:
+    """Fused teacher vs fused students, FP32, per onnxruntime thread count: both timed at every batch of `sweep` in
+    `rounds` alternating rounds, each judged at its best batch (fastest round); with the GFLOPS each reaches (2·MACs
+    per counterfactual × counterfactuals/s) as a share of the host's measured FP32 peak at that thread count."""
+    out = {}
+    for threads in thread_counts:
+        engines = {"teacher": TeacherGraphs(teacher_paths, threads, [CPU]),
+                   "student": ModelRuntime(students.directory, threads=threads, providers=[CPU], verify=False)}
+        per_batch = {}
+        for batch in sweep:
+            steps = {name: onnx_steps(graphs, batch, noise)["fused"] for name, graphs in engines.items()}
+            per_batch[str(batch)] = {name: max(values) for name, values in
+                                     alternating_rounds(steps, batch, min_seconds, rounds).items()}
+        peak = fp32_peak_gflops(threads)
+        best = {}
+        for name in engines:
+            batch = max(per_batch, key=lambda b: per_batch[b][name])
+            rate = per_batch[batch][name]
+            gflops = 2 * macs[name] * rate / 1e9
+            best[name] = {"batch": int(batch), "images_per_second": rate, "gflops": gflops, "peak_share": gflops / peak}
+        out[str(threads)] = {"images_per_second": per_batch, "best": best, "peak_gflops": peak,
+                             "ratio": best["student"]["images_per_second"] / best["teacher"]["images_per_second"]}
+        print(f"{threads} thread(s): student/teacher {out[str(threads)]['ratio']:.2f}× at their best batches",
+              file=sys.stderr, flush=True)
+    return out
+
+
+def like_for_like_markdown(result: dict) -> str:
+    rows = []
+    for threads, entry in result["like_for_like"].items():
+        for name in ("teacher", "student"):
+            best = entry["best"][name]
+            rows.append([threads, name, best["batch"], f"{best['images_per_second']:,.0f}", f"{best['gflops']:.1f}",
+                         f"{100 * best['peak_share']:.0f} %", f"{entry['peak_gflops']:.0f}",
+                         f"{entry['ratio']:.2f}×" if name == "student" else ""])
+    sweep = ", ".join(map(str, result["sweep"]))
+    return "\n".join([
+        f"Like for like (FP32, fused graphs, each engine at its best batch among {sweep}, fastest of "
+        f"{result['sweep_rounds']} alternating rounds; GFLOPS = 2 × MACs per counterfactual × counterfactuals/s, "
+        "peak = the fastest 2048² sgemm at that thread count on this host):", "",
+        report.table(["threads", "engine", "best batch", "counterfactuals/s", "GFLOPS", "of FP32 peak", "peak GFLOPS",
+                      "student / teacher"], rows)])
 
 
 def speedups(timings: dict, batch: int, target: float | None, fused_rounds: dict | None = None) -> dict:
@@ -367,6 +439,7 @@ def markdown(result: dict, plot: str) -> str:
         "",
         table_or_empty(["mechanism", "speedup", "meets target"], speed),
         "",
+        *([like_for_like_markdown(result), ""] if result.get("like_for_like") else []),
         "One counterfactual at batch 1 (noise, three mechanisms, composition, uint8):",
         "",
         table_or_empty(["engine", "ms"], latency),
@@ -434,12 +507,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=9,
                         help="alternating teacher/student timings of the fused graph at the largest batch; the "
                              "target is judged on each engine's fastest round (0: on the table's single pass)")
+    parser.add_argument("--sweep", default=",".join(map(str, SWEEP)),
+                        help="batches of the like-for-like comparison (each engine judged at its best)")
+    parser.add_argument("--thread-counts", default=",".join(map(str, THREAD_COUNTS)),
+                        help="onnxruntime thread counts of the like-for-like comparison")
+    parser.add_argument("--sweep-rounds", type=int, default=5,
+                        help="alternating rounds per batch of the like-for-like comparison (0: skip it)")
     parser.add_argument("--torch-threads", type=int, default=0, help="PyTorch intra-op threads (0: its default)")
     parser.add_argument("--results-dir", default="benchmarks/results")
     parser.add_argument("--results-md", default="docs/RESULTS.md")
     parser.add_argument("--note", default="")
     args = parser.parse_args(argv)
     args.batches = [int(b) for b in args.batches.split(",")]
+    args.sweep = [int(b) for b in args.sweep.split(",")]
+    args.thread_counts = [int(t) for t in args.thread_counts.split(",")]
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
     result = run(args)

@@ -108,6 +108,7 @@ def test_model_benchmark_writes_results(tmp_path, tiny_models, restore_torch_thr
     assert model_bench.main([
         "--family", FAMILY, "--models-dir", str(models), "--runs-dir", str(tmp_path / "runs"),
         "--teacher-path", str(SHARED / "teachers" / "cgn_mnist"), "--batches", "1,4", "--min-seconds", "0", "--rounds", "2",
+        "--sweep", "2,4", "--thread-counts", "1", "--sweep-rounds", "2",
         "--threads", "1", "--torch-threads", "1", "--results-dir", str(results), "--results-md", str(md)]) == 0
     result = json.loads((results / f"models_{FAMILY}.json").read_text())
     for engine in ("teacher/onnxruntime-cpu", "student/onnxruntime-cpu", "teacher/pytorch-cpu", "student/pytorch-cpu"):
@@ -119,6 +120,14 @@ def test_model_benchmark_writes_results(tmp_path, tiny_models, restore_torch_thr
     assert len(fused["round_ratios"]) == len(rounds["teacher"]) == len(rounds["student"]) == 2
     assert fused["speedup"] == pytest.approx(max(rounds["student"]) / max(rounds["teacher"]))
     assert "random weights" in result["student_torch_weights"]
+    like = result["like_for_like"]["1"]  # each engine at its best batch of the sweep, with its share of the peak
+    assert set(like["images_per_second"]) == {"2", "4"} and like["peak_gflops"] > 0
+    for name, best in like["best"].items():
+        assert best["images_per_second"] == max(row[name] for row in like["images_per_second"].values())
+        assert best["peak_share"] == pytest.approx(best["gflops"] / like["peak_gflops"])
+    assert like["ratio"] == pytest.approx(like["best"]["student"]["images_per_second"]
+                                          / like["best"]["teacher"]["images_per_second"])
+    assert "Like for like" in md.read_text()
     assert "cpu_jiffies_start" not in result["host"] and "CPU steal" in md.read_text()
     assert (md.parent / f"throughput_{FAMILY}.png").is_file() and "bench-models-" in md.read_text()
 
@@ -399,3 +408,19 @@ def test_scaleout_benchmark_runs_every_arrangement_and_writes_results(models_dir
     assert all(run["samples_per_second"] > 0 and run["result_bytes"] > 0 for run in result["runs"])
     assert result["summary"][0]["speedup"] == 1.0 and "cpu_steal" in result["host"]
     assert "### Scale-out:" in results_md.read_text()
+
+
+@needs_shared
+def test_student_blocks_time_every_candidate_and_folded_exports_match(tmp_path, tiny_models, restore_torch_threads):
+    from benchmarks import student_blocks
+
+    md = tmp_path / "RESULTS.md"
+    assert student_blocks.main(["--family", FAMILY, "--models-dir", str(tiny_models), "--teacher-path",
+                                str(SHARED / "teachers" / "cgn_mnist"), "--batches", "2,4", "--rounds", "1",
+                                "--min-seconds", "0", "--results-dir", str(tmp_path),
+                                "--results-md", str(md)]) == 0
+    result = json.loads((tmp_path / f"student_blocks_{FAMILY}_1t.json").read_text())
+    assert set(result["candidates"]) == set(student_blocks.CANDIDATES)
+    for entry in result["candidates"].values():
+        assert entry["best_batch"] in (2, 4) and entry["ratio"] > 0 and entry["parity_max_abs_diff"] <= 1e-4
+    assert "### Student blocks:" in md.read_text()

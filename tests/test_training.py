@@ -491,3 +491,29 @@ def test_interrupted_recipe_resumes_at_its_stage_and_step(tmp_path, toy_recipe, 
     assert trail(cut["log"]) == trail(whole["log"])
     for name, tensor in whole["student"].items():
         assert torch.equal(tensor, cut["student"][name]), name
+
+
+def test_folding_the_label_lookups_of_a_shipped_graph_keeps_its_function(tmp_path):
+    """training.fold_labels on the shipped fused students: far fewer nodes, no Gemm on the label path, and the
+    same outputs (to float rounding) for every class."""
+    import onnx
+    import onnxruntime as ort
+
+    from training.fold_labels import fold_labels
+
+    family = REPO / "models" / "double_colored_mnist"
+    source = family / (family / "LATEST").read_text().strip() / "fused.onnx"
+    original = onnx.load(str(source))
+    folded = fold_labels(original, 10)
+    onnx.checker.check_model(folded)
+    assert len(folded.graph.node) < 0.7 * len(original.graph.node)
+    assert sum(node.op_type == "BatchNormalization" for node in folded.graph.node) < \
+        sum(node.op_type == "BatchNormalization" for node in original.graph.node)
+    path = tmp_path / "folded.onnx"
+    onnx.save(folded, str(path))
+    sessions = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for p in (source, path)]
+    rng = np.random.default_rng(0)
+    feeds = {item.name: (np.arange(40) % 10).astype(np.int64) if "int64" in item.type
+             else rng.standard_normal((40, item.shape[1])).astype(np.float32) for item in sessions[0].get_inputs()}
+    for a, b in zip(*(session.run(None, feeds) for session in sessions)):
+        assert np.abs(a - b).max() < 1e-4

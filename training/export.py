@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from core.manifest import VALUE_RANGES
+from training.fold_labels import fold_labels
 from training.students import HEADS, TinyGenerator
 
 PARITY_TOLERANCE = 1e-4
@@ -37,8 +38,10 @@ class FusedStudents(nn.Module):
         return self.shape(z_shape, y_shape), self.texture(z_texture, y_texture), self.background(z_background, y_background)
 
 
-def export_graph(module: nn.Module, inputs: tuple, input_names: list[str], output_names: list[str], path: Path) -> None:
-    """Trace `module` on `inputs` into an ONNX graph whose batch axis stays dynamic."""
+def export_graph(module: nn.Module, inputs: tuple, input_names: list[str], output_names: list[str], path: Path,
+                 label_classes: int | None = None) -> None:
+    """Trace `module` on `inputs` into an ONNX graph whose batch axis stays dynamic; with `label_classes`, what the
+    graph computes from its labels alone becomes lookup tables (training.fold_labels)."""
     dynamic_axes = {name: {0: "batch"} for name in input_names + output_names}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -46,6 +49,10 @@ def export_graph(module: nn.Module, inputs: tuple, input_names: list[str], outpu
             module, inputs, str(path), input_names=input_names, output_names=output_names,
             dynamic_axes=dynamic_axes, opset_version=OPSET, dynamo=False,
         )
+    if label_classes:
+        import onnx
+
+        onnx.save(fold_labels(onnx.load(str(path)), label_classes), str(path))
 
 
 def check_parity(path: Path, module: nn.Module, feeds: dict[str, np.ndarray], output_names: list[str],
@@ -82,8 +89,10 @@ def tensor_spec(dtype: str, shape: list, value_range: list | None = None) -> dic
     return spec
 
 
-def export_students(students: dict[str, TinyGenerator], out_dir: str | os.PathLike, seed: int = 0) -> dict:
-    """Write <mechanism>.onnx for each student (and fused.onnx when all three are present).
+def export_students(students: dict[str, TinyGenerator], out_dir: str | os.PathLike, seed: int = 0,
+                    fold: bool = False) -> dict:
+    """Write <mechanism>.onnx for each student (and fused.onnx when all three are present); `fold`: with the label
+    lookups folded into tables (an exact rewrite, parity-checked like every export).
 
     Returns the manifest's `mechanisms` and `fused` blocks, including the measured parity. Raises
     ParityError if any graph disagrees with PyTorch on a batch of PARITY_BATCH.
@@ -100,7 +109,8 @@ def export_students(students: dict[str, TinyGenerator], out_dir: str | os.PathLi
         y = rng.integers(0, config.n_classes, PARITY_BATCH).astype(np.int64)
         feeds_all[mechanism] = (z, y)
         path = out_dir / f"{mechanism}.onnx"
-        export_graph(student, (torch.from_numpy(z), torch.from_numpy(y)), ["z", "y"], [output_name], path)
+        export_graph(student, (torch.from_numpy(z), torch.from_numpy(y)), ["z", "y"], [output_name], path,
+                     config.n_classes if fold else None)
         diff = check_parity(path, student, {"z": z, "y": y}, [output_name])
         channels = HEADS[mechanism][1]
         blocks["mechanisms"][mechanism] = {
@@ -124,7 +134,8 @@ def export_students(students: dict[str, TinyGenerator], out_dir: str | os.PathLi
             values += list(feeds_all[mechanism])
         path = out_dir / "fused.onnx"
         outputs = [HEADS[m][0] for m in HEADS]
-        export_graph(fused, tuple(torch.from_numpy(v) for v in values), names, outputs, path)
+        classes = students["shape"].config.n_classes
+        export_graph(fused, tuple(torch.from_numpy(v) for v in values), names, outputs, path, classes if fold else None)
         diff = check_parity(path, fused, dict(zip(names, values)), outputs)
         blocks["fused"] = {
             "file": path.name,

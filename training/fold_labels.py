@@ -6,7 +6,7 @@ and three passes over the activation per normalisation, though the label takes o
 evaluates every tensor that depends only on a label input (and constants) for each class once, replaces it by a
 Gather from a [classes, …] table, and folds a BatchNormalization whose output is only scaled and shifted by such
 tables into the tables themselves: x·a[y] + b[y]. Same function, fewer nodes and passes; the result is checked
-against the original graph by the caller (training.export.check_graphs_agree).
+against PyTorch by the export's parity check, like every export.
 """
 from __future__ import annotations
 
@@ -22,39 +22,40 @@ def _constants(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
     for node in graph.node:
         if node.op_type == "Constant":
             values[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+        elif node.op_type == "Identity" and node.input[0] in values:  # the exporter's alias of a duplicate initializer
+            values[node.output[0]] = values[node.input[0]]
     return values
 
 
-def _label_only(graph: onnx.GraphProto, labels: set[str], constants: dict) -> list[onnx.NodeProto]:
-    """Nodes whose every input is a label input, a constant, or the output of another such node (not Constants)."""
-    known, found = set(labels) | set(constants), []
+def _label_only(graph: onnx.GraphProto, labels: set[str], constants: dict) -> tuple[list, list]:
+    """(nodes whose inputs are label inputs, constants or outputs of such nodes, reaching a label; nodes of constants
+    alone, e.g. the Identity the exporter writes for a duplicate initializer), in graph order."""
+    label_derived, constant_only = set(labels), set(constants)
+    found, constant_nodes = [], []
     for node in graph.node:  # topological order, as ONNX requires
-        if node.op_type != "Constant" and all(name in known for name in node.input if name):
-            if any(name in labels or name not in constants for name in node.input if name):
-                found.append(node)
-                known.update(node.output)
-            elif all(name in constants for name in node.input if name):
-                known.update(node.output)  # constant-only: left to onnxruntime's own constant folding
-    return found
+        inputs = [name for name in node.input if name]
+        if node.op_type == "Constant" or all(name in constant_only for name in inputs):
+            constant_nodes.append(node)
+            constant_only.update(node.output)
+        elif all(name in label_derived or name in constant_only for name in inputs):
+            found.append(node)
+            label_derived.update(node.output)
+    return found, constant_nodes
 
 
-def _evaluate(model: onnx.ModelProto, nodes: list, labels: set[str], outputs: list[str],
+def _evaluate(model: onnx.ModelProto, nodes: list, constant_nodes: list, labels: set[str], outputs: list[str],
               classes: int) -> dict[str, np.ndarray]:
-    """The label-only tensors for labels 0 … classes-1, by onnxruntime on the label-only nodes alone."""
-    import onnxruntime as ort
+    """The label-only tensors for labels 0 … classes-1: the label-only nodes alone, run by onnx's reference
+    evaluator (numpy; the tables are tiny)."""
+    from onnx.reference import ReferenceEvaluator
 
-    constants = [node for node in model.graph.node if node.op_type == "Constant"]
     inferred = onnx.shape_inference.infer_shapes(model).graph
     types = {item.name: item for item in [*inferred.value_info, *inferred.output]}
-    graph = onnx.helper.make_graph(constants + nodes, "tables", [i for i in model.graph.input if i.name in labels],
+    graph = onnx.helper.make_graph(constant_nodes + nodes, "tables", [i for i in model.graph.input if i.name in labels],
                                    [types[name] for name in outputs], list(model.graph.initializer))
     probe = helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3  # the probe leaves most initializers unused, and onnxruntime would list each
-    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
     every_class = np.arange(classes, dtype=np.int64)
-    return dict(zip(outputs, session.run(outputs, {label: every_class for label in labels})))
+    return dict(zip(outputs, ReferenceEvaluator(probe).run(outputs, {label: every_class for label in labels})))
 
 
 def fold_labels(model: onnx.ModelProto, classes: int) -> onnx.ModelProto:
@@ -62,7 +63,7 @@ def fold_labels(model: onnx.ModelProto, classes: int) -> onnx.ModelProto:
     graph = model.graph
     labels = {item.name for item in graph.input if item.type.tensor_type.elem_type == onnx.TensorProto.INT64}
     constants = _constants(graph)
-    folded = _label_only(graph, labels, constants)
+    folded, constant_nodes = _label_only(graph, labels, constants)
     folded_outputs = {name for node in folded for name in node.output}
     consumers = {}
     for node in graph.node:
@@ -74,7 +75,7 @@ def fold_labels(model: onnx.ModelProto, classes: int) -> onnx.ModelProto:
     label_of = {}
     for name in frontier:
         (label_of[name],) = [label for label in labels if _depends_on(graph, name, label)]
-    tables = _evaluate(model, folded, labels, frontier, classes) if frontier else {}
+    tables = _evaluate(model, folded, constant_nodes, labels, frontier, classes) if frontier else {}
     for name, table in tables.items():
         if table.shape[:1] != (classes,):
             raise ValueError(f"{name}: a label-only tensor without the batch axis first ({table.shape})")

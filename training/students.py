@@ -38,6 +38,12 @@ class StudentConfig:
     # memory-bound upsampling that dominated CPU inference costs much less).
     upsample: str = "bilinear"
     head: str = "conv"
+    # Blocks whose output is larger than this many pixels a side normalise with plain BatchNorm rather than the
+    # label-conditioned one; None conditions every block (the students up to v5/v6/v4). Why: onnxruntime runs the
+    # convolutions in its blocked NCHWc layout and leaves it around every per-sample scale-and-shift, which at the
+    # high resolutions, where the bytes are, cost more than the convolutions; the label still reaches those blocks
+    # through the lower ones.
+    conditioned_up_to: int | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -70,6 +76,13 @@ class ConditionalBatchNorm(nn.Module):
         return normalised * self.gamma(embedding)[:, :, None, None] + self.beta(embedding)[:, :, None, None]
 
 
+class PlainBatchNorm(nn.BatchNorm2d):
+    """BatchNorm with a learned affine, called like ConditionalBatchNorm (the embedding is not used)."""
+
+    def forward(self, x: torch.Tensor, embedding: torch.Tensor | None = None) -> torch.Tensor:
+        return super().forward(x)
+
+
 class SeparableConv(nn.Sequential):
     """Depthwise 3×3 then pointwise 1×1: TinyGAN's cheap replacement for a full 3×3 convolution."""
 
@@ -84,14 +97,14 @@ def upsample2x(x: torch.Tensor, mode: str) -> torch.Tensor:
 
 
 class ResBlockUp(nn.Module):
-    def __init__(self, cin: int, cout: int, embed_dim: int, upsample: str):
+    def __init__(self, cin: int, cout: int, embed_dim: int, upsample: str, conditioned: bool = True):
         super().__init__()
         if upsample not in UPSAMPLE_MODES:
             raise ValueError(f"upsample must be one of {UPSAMPLE_MODES}, got {upsample!r}")
         self.upsample = upsample
-        self.norm1 = ConditionalBatchNorm(cin, embed_dim)
+        self.norm1 = ConditionalBatchNorm(cin, embed_dim) if conditioned else PlainBatchNorm(cin)
         self.conv1 = SeparableConv(cin, cout)
-        self.norm2 = ConditionalBatchNorm(cout, embed_dim)
+        self.norm2 = ConditionalBatchNorm(cout, embed_dim) if conditioned else PlainBatchNorm(cout)
         self.conv2 = SeparableConv(cout, cout)
         self.shortcut = nn.Conv2d(cin, cout, 1)
 
@@ -123,8 +136,10 @@ class TinyGenerator(nn.Module):
         self.output_name, out_channels = HEADS[mechanism]
         self.embedding = nn.Embedding(config.n_classes, config.embed_dim)
         self.linear = nn.Linear(config.z_dim + config.embed_dim, config.channels[0] * 16)
+        limit = config.conditioned_up_to
         self.blocks = nn.ModuleList(
-            ResBlockUp(cin, cout, config.embed_dim, config.upsample) for cin, cout in zip(config.channels[:-1], config.channels[1:])
+            ResBlockUp(cin, cout, config.embed_dim, config.upsample, limit is None or 8 * 2**index <= limit)
+            for index, (cin, cout) in enumerate(zip(config.channels[:-1], config.channels[1:]))
         )
         last = config.channels[-1]
         self.head = nn.Sequential(
