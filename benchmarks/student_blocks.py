@@ -36,18 +36,26 @@ from training.students import TinyGenerator
 from training.teachers import load_teacher, teacher_for_family
 
 SWEEP = (8, 16, 32, 64, 128, 256)
-# name -> (what changes, student config fields changed, fold at export, exact: same function as today's students)
+SUBPIXEL_IMAGES = {"head": "subpixel", "channels": [64, 32, 16]}  # texture and background without a 32×32 block
+# name -> (what changes, student config fields changed: for every mechanism ("all") and per mechanism, fold at
+# export, exact: the same function as today's students). Each row adds to the one before it.
 CANDIDATES = {
     "today": ("the shipped architecture and export", {}, False, True),
     "labels folded": ("label lookups and BatchNorm folded into per-class tables at export", {}, True, True),
-    "conditioned ≤ 16 px": ("plain BatchNorm in blocks above 16×16, folded", {"conditioned_up_to": 16}, True, False),
-    "conditioned ≤ 8 px": ("plain BatchNorm in blocks above 8×8, folded", {"conditioned_up_to": 8}, True, False),
+    "conditioned ≤ 16 px": ("+ plain BatchNorm in blocks above 16×16", {"all": {"conditioned_up_to": 16}}, True,
+                            False),
+    "conditioned ≤ 8 px": ("+ plain BatchNorm in blocks above 8×8", {"all": {"conditioned_up_to": 8}}, True, False),
+    "sub-pixel images (codesign)": (
+        "+ texture and background 64-32-16 with a sub-pixel head (no 32×32 block): the `codesign` recipe",
+        {"all": {"conditioned_up_to": 8}, "texture": SUBPIXEL_IMAGES, "background": SUBPIXEL_IMAGES}, True, False),
 }
 
 
 def candidate_students(configs: dict, changes: dict, seed: int) -> dict[str, TinyGenerator]:
+    """The students of `configs` with `changes` ({"all": fields, mechanism: fields}), random weights."""
     torch.manual_seed(seed)
-    return {m: TinyGenerator(dataclasses.replace(configs[m], **changes), m).eval() for m in MECHANISMS}
+    return {m: TinyGenerator(dataclasses.replace(configs[m], **changes.get("all", {}), **changes.get(m, {})),
+                             m).eval() for m in MECHANISMS}
 
 
 class FusedGraph:

@@ -169,3 +169,45 @@ def test_a_store_that_stops_mid_job_fails_the_job_with_a_clear_error(hosts, s3):
         assert status["state"] == "failed", status
         assert "failed 2 times" in status["error"] and s3.endpoint in status["error"], status["error"]
         assert client.get(f"/jobs/{job_id}/result").status_code == 409
+
+
+def test_retention_and_orphan_cleanup_remove_a_jobs_objects_from_the_store(s3, tmp_path):
+    """JobStore's cleanup pass against the bucket: an expired job's objects go with its record, and objects no
+    record names (Redis lost them) go once older than the retention period, open multipart uploads included."""
+    import asyncio
+
+    import redis.asyncio as aioredis
+
+    from core.jobs import JOBS_ENDED_KEY, job_key
+    from service.jobstore import JobStore
+    from service.run_local import free_port, redis_answers, start_redis, stop, wait_until
+
+    port = free_port()
+    server = start_redis(port, open(tmp_path / "redis.log", "ab"))
+    url = f"redis://127.0.0.1:{port}/0"
+    wait_until(lambda: redis_answers(url), 10, "Redis", {"redis": server})
+    store = open_results(f"s3://{BUCKET}/jobs", tmp_path / "scratch")
+    expired, orphan = "e" * 32, "f" * 32
+    for job in (expired, orphan):
+        source = tmp_path / "file"
+        source.write_bytes(b"x" * 1000)
+        store.put(source, f"{job}/result.npz")
+    s3.client().create_multipart_upload(Bucket=BUCKET, Key=f"jobs/{orphan}/result-00001.tar")
+
+    async def cleanup():
+        client = aioredis.from_url(url, decode_responses=True)
+        await client.hset(job_key(expired), mapping={"id": expired, "owner": "public", "state": "succeeded"})
+        await client.zadd(JOBS_ENDED_KEY, {expired: time.time() - 100})
+        jobs = JobStore(client, store)
+        removed = await jobs.expire(retention_s=10), await jobs.remove_orphans(retention_s=0)
+        left = await client.exists(job_key(expired))
+        await client.aclose()
+        return removed, left
+
+    try:
+        (expired_count, orphans), record_left = asyncio.run(cleanup())
+    finally:
+        stop([server])
+    assert expired_count == 1 and orphans == 1 and record_left == 0
+    assert s3.keys("jobs/") == []
+    assert s3.client().list_multipart_uploads(Bucket=BUCKET).get("Uploads", []) == []

@@ -125,10 +125,11 @@ class StudentPreset:
     embed_dim: int | None = None
     upsample: str | None = None
     head: str | None = None  # "conv" or "subpixel"; channels given without a head mean "conv", as they always did
+    conditioned_up_to: int | None = None  # label-conditioned norms only up to this size; None: every block's
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "student") -> "StudentPreset":
-        return _fill(cls, data, where, channels=_ints, embed_dim=int).with_own_head()
+        return _fill(cls, data, where, channels=_ints, embed_dim=int, conditioned_up_to=int).with_own_head()
 
     def with_own_head(self) -> "StudentPreset":
         """Widths given without a head mean the conv head (every recipe and manifest before the sub-pixel head):
@@ -158,6 +159,8 @@ class Recipe:
     bank_size: int | None = None  # training samples in the bank; None: the teacher's default
     heldout: int = 2000  # held-out pairs for evaluation
     classes: list[int] | None = None  # train on these labels only; None: all
+    # export: what the graphs compute from the labels alone as per-class tables (training.fold_labels; exact)
+    fold_labels: bool = False
     notes: str = ""  # provenance: what was reconstructed, what was edited on the command line
 
     def to_dict(self) -> dict:

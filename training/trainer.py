@@ -278,7 +278,7 @@ def run(config: DistillConfig) -> Path:
         render_comparison(students, heldout, cpu, tmp / "teacher_vs_student.png")
         write_loss_log(log, tmp / "losses.csv", tmp / "loss_curves.png")
         print("exporting ONNX and checking parity ...")
-        blocks = export_students(students, tmp, seed=recipe.seed)
+        blocks = export_students(students, tmp, seed=recipe.seed, fold=recipe.fold_labels)
         training = training_block(recipe, configs, betas=list(BETAS), device=str(device),
                                   seconds={m: round(t, 1) for m, t in seconds.items()}, bank=bank_spec.to_dict())
         write_manifest(tmp, build_manifest(tmp, version, teacher, blocks, students, recipe, training, metrics))
