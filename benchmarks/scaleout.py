@@ -193,10 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     except (StartupError, httpx.HTTPError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    report.write_json(Path(args.results_dir) / f"scaleout_{args.model}.json", result)
-    body = markdown(result)
-    report.update_section(args.results_md, f"scaleout_{args.model}", body)
-    print(body)
+    stem = f"scaleout_{args.model}"
+    report.publish(result, Path(args.results_dir) / f"{stem}.json", args.results_md, stem, markdown(result))
     return 0
 
 

@@ -668,11 +668,8 @@ def main(argv: list[str] | None = None) -> int:
         if service is not None and service.processes:
             service.stop()
     stem, section = names(args.model, args.faults)
-    report.write_json(Path(args.results_dir) / f"{stem}.json", result)
     plot(result, Path(args.results_md).parent / f"{stem}.png")
-    body = markdown(result)
-    report.update_section(args.results_md, section, body)
-    print(body)
+    report.publish(result, Path(args.results_dir) / f"{stem}.json", args.results_md, section, markdown(result))
     return 0
 
 

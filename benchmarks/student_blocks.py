@@ -158,10 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     np.random.seed(args.seed)
     result = run(args)
     stem = f"student_blocks_{args.family}_{args.threads}t"
-    report.write_json(Path(args.results_dir) / f"{stem}.json", result)
-    body = markdown(result)
-    report.update_section(args.results_md, stem, body)
-    print(body)
+    report.publish(result, Path(args.results_dir) / f"{stem}.json", args.results_md, stem, markdown(result))
     return 0
 
 

@@ -33,6 +33,14 @@ def update_section(markdown_path: str | os.PathLike, name: str, body: str) -> No
     write_text_atomic(path, text)
 
 
+def publish(result: dict, json_path: str | os.PathLike, markdown_path: str | os.PathLike, section: str,
+            body: str) -> None:
+    """What every benchmark ends with: its result as JSON, its section of the results file, the section printed."""
+    write_json(json_path, result)
+    update_section(markdown_path, section, body)
+    print(body)
+
+
 def table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(" --- " for _ in headers) + "|"]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
