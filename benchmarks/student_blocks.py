@@ -26,6 +26,7 @@ from benchmarks import host
 from benchmarks.models import (
     TeacherGraphs, TeacherMechanism, alternating_rounds, cost, export_teacher, inputs,
 )
+from core.manifest import load_manifest
 from core.runtime import CPU, ModelRuntime, open_session
 from core.settings import Paths
 from core.vocabulary import MECHANISMS
@@ -36,7 +37,6 @@ from training.students import TinyGenerator
 from training.teachers import load_teacher, teacher_for_family
 
 SWEEP = (8, 16, 32, 64, 128, 256)
-SUBPIXEL_IMAGES = {"head": "subpixel", "channels": [64, 32, 16]}  # texture and background without a 32×32 block
 # name -> (what changes, student config fields changed: for every mechanism ("all") and per mechanism, fold at
 # export, exact: the same function as today's students). Each row adds to the one before it.
 CANDIDATES = {
@@ -45,17 +45,26 @@ CANDIDATES = {
     "conditioned ≤ 16 px": ("+ plain BatchNorm in blocks above 16×16", {"all": {"conditioned_up_to": 16}}, True,
                             False),
     "conditioned ≤ 8 px": ("+ plain BatchNorm in blocks above 8×8", {"all": {"conditioned_up_to": 8}}, True, False),
-    "sub-pixel images (codesign)": (
-        "+ texture and background 64-32-16 with a sub-pixel head (no 32×32 block): the `codesign` recipe",
-        {"all": {"conditioned_up_to": 8}, "texture": SUBPIXEL_IMAGES, "background": SUBPIXEL_IMAGES}, True, False),
+    "sub-pixel heads (codesign)": (
+        "+ a sub-pixel head on every student, its last (32×32) block dropped: the `codesign` recipe's blocks",
+        {"all": {"conditioned_up_to": 8, "subpixel_head": True}}, True, False),
 }
+
+
+def changed(config, changes: dict):
+    """`config` with `changes`; `subpixel_head` turns a conv-head student into a sub-pixel one with the same widths
+    but the last, so no hidden tensor reaches full size."""
+    changes = dict(changes)
+    if changes.pop("subpixel_head", False) and config.head == "conv":
+        changes |= {"head": "subpixel", "channels": list(config.channels[:-1])}
+    return dataclasses.replace(config, **changes)
 
 
 def candidate_students(configs: dict, changes: dict, seed: int) -> dict[str, TinyGenerator]:
     """The students of `configs` with `changes` ({"all": fields, mechanism: fields}), random weights."""
     torch.manual_seed(seed)
-    return {m: TinyGenerator(dataclasses.replace(configs[m], **changes.get("all", {}), **changes.get(m, {})),
-                             m).eval() for m in MECHANISMS}
+    return {m: TinyGenerator(changed(configs[m], changes.get("all", {}) | changes.get(m, {})), m).eval()
+            for m in MECHANISMS}
 
 
 class FusedGraph:
@@ -77,6 +86,10 @@ def run(args: argparse.Namespace) -> dict:
     teacher = load_teacher(teacher_for_family(args.family), args.teacher_path)
     teacher_mods = {m: TeacherMechanism(teacher, m).eval() for m in MECHANISMS}
     z, y = (torch.from_numpy(a) for a in inputs(4, noise))
+    trials = dict(item.split("=", 1) for item in args.trial)
+    unknown = sorted(set(trials) - set(CANDIDATES))
+    if unknown:
+        raise SystemExit(f"--trial names unknown candidate(s) {unknown}; candidates: {', '.join(CANDIDATES)}")
     result = {"family": args.family, "version": students.version, "threads": args.threads, "rounds": args.rounds,
               "batches": list(args.batches), "host": host.start(torch=torch.__version__), "candidates": {}}
     with tempfile.TemporaryDirectory() as tmp:
@@ -92,6 +105,9 @@ def run(args: argparse.Namespace) -> dict:
             result["candidates"][name] = {"what": what, "changes": changes, "fold": fold, "exact": exact,
                                           "macs_per_counterfactual": macs[name],
                                           "parity_max_abs_diff": blocks["fused"]["parity_max_abs_diff"]}
+            if name in trials:
+                result["candidates"][name]["fidelity"] = trial_fidelity(load_manifest(Path(trials[name])),
+                                                                        students.manifest)
         per_batch = {}
         for batch in args.batches:
             steps = {"teacher": _teacher_step(graphs["teacher"], batch, noise)}
@@ -113,6 +129,31 @@ def run(args: argparse.Namespace) -> dict:
     return result
 
 
+def trial_fidelity(trial: dict, latest: dict) -> dict:
+    """Held-out L1 (masks: IoU) of each mechanism a distilled trial of a candidate trained, beside LATEST's and the
+    class-mean baseline's, from the two manifests."""
+    out = {}
+    for mechanism in MECHANISMS:
+        metrics = trial["metrics"].get(mechanism)
+        if metrics:
+            key = "mask_iou" if mechanism == "shape" else "l1"
+            out[mechanism] = {"metric": key, "trial": metrics[key], "latest": latest["metrics"][mechanism][key],
+                              "baseline": metrics["class_mean_baseline"][key]}
+    return {"trial_version": f"{trial['family']}/{trial['version']}", "pairs": trial["metrics"]["heldout_pairs"],
+            "mechanisms": out}
+
+
+def fidelity_text(entry: dict, latest: str) -> str:
+    if entry["exact"]:
+        return f"exact (max Δ {entry['parity_max_abs_diff']:.0e})"
+    fidelity = entry.get("fidelity")
+    if not fidelity:
+        return "needs distilling"
+    parts = [f"{m} {v['metric'].replace('_', ' ')} {v['trial']:.4f} ({latest} {v['latest']:.4f}, class-mean "
+             f"{v['baseline']:.4f})" for m, v in fidelity["mechanisms"].items()]
+    return f"distilled ({fidelity['pairs']:,} held-out pairs): " + "; ".join(parts)
+
+
 def _teacher_step(graphs: TeacherGraphs, batch: int, noise):
     z, y = inputs(batch, noise)
     zs, ys = {m: z for m in MECHANISMS}, {m: y for m in MECHANISMS}
@@ -123,8 +164,7 @@ def markdown(result: dict) -> str:
     today = result["candidates"]["today"]["images_per_second"]
     rows = [[name, entry["what"], f"{entry['macs_per_counterfactual'] / 1e6:.2f}", entry["best_batch"],
              f"{entry['images_per_second']:,.0f}", f"{entry['images_per_second'] / today:.2f}×",
-             f"{entry['ratio']:.2f}×",
-             f"exact (max Δ {entry['parity_max_abs_diff']:.0e})" if entry["exact"] else "needs distilling"]
+             f"{entry['ratio']:.2f}×", fidelity_text(entry, result["version"])]
             for name, entry in result["candidates"].items()]
     teacher = result["teacher_best"]
     return "\n".join([
@@ -150,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-seconds", type=float, default=0.5)
     parser.add_argument("--batches", default=",".join(map(str, SWEEP)))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--trial", action="append", default=[], metavar="CANDIDATE=VERSION_DIR",
+                        help="a distilled trial of a candidate (its version folder): its held-out fidelity is reported")
     parser.add_argument("--results-dir", default="benchmarks/results")
     parser.add_argument("--results-md", default="docs/RESULTS.md")
     args = parser.parse_args(argv)

@@ -517,3 +517,28 @@ def test_folding_the_label_lookups_of_a_shipped_graph_keeps_its_function(tmp_pat
              else rng.standard_normal((40, item.shape[1])).astype(np.float32) for item in sessions[0].get_inputs()}
     for a, b in zip(*(session.run(None, feeds) for session in sessions)):
         assert np.abs(a - b).max() < 1e-4
+
+
+def test_codesign_students_condition_only_their_first_block_and_export_folded(tmp_path):
+    """The `codesign` preset: sub-pixel heads, label-conditioned BatchNorm up to 8×8 only, label lookups folded at
+    export; the export's parity check holds for the folded graphs, and labels still change the output."""
+    recipe = load_preset("codesign")
+    assert recipe.fold_labels and {p.conditioned_up_to for p in recipe.students.values()} == {8}
+    configs = {m: StudentConfig(**{k: v for k, v in vars(recipe.students[m]).items()}) for m in HEADS}
+    modules = {m: TinyGenerator(configs[m], m).eval() for m in HEADS}
+    for module in modules.values():
+        kinds = [(type(block.norm1).__name__, type(block.norm2).__name__) for block in module.blocks]
+        assert kinds[0] == ("ConditionalBatchNorm", "ConditionalBatchNorm")
+        assert all(kind == ("PlainBatchNorm", "PlainBatchNorm") for kind in kinds[1:])
+    blocks = export.export_students(modules, tmp_path, fold=True)
+    assert blocks["fused"]["parity_max_abs_diff"] <= export.PARITY_TOLERANCE
+    import onnx
+
+    fused = onnx.load(str(tmp_path / "fused.onnx"))
+    assert not any(node.op_type == "Gemm" and "norm" in node.name for node in fused.graph.node)
+    z = torch.randn(2, 32).repeat(2, 1)
+    y = torch.tensor([1, 1, 7, 7])
+    with torch.no_grad():
+        out = modules["texture"](z, y)
+    assert not torch.allclose(out[0], out[2])  # the first block's conditioning carries the label through
+    assert Recipe.from_dict(recipe.to_dict()) == recipe

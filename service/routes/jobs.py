@@ -199,7 +199,8 @@ async def get_job(job_id: str, gw: GatewayDep, owner: OwnerDep):
             responses={200: {"content": {"application/octet-stream": {}, "application/x-tar": {},
                                          "application/json": {}, "text/plain": {}}},
                        206: {"description": "the byte range asked for with a Range header"}})
-async def get_job_result(job_id: str, gw: GatewayDep, owner: OwnerDep, range: Optional[str] = Header(None),
+async def get_job_result(job_id: str, gw: GatewayDep, owner: OwnerDep,
+                         range_header: Optional[str] = Header(None, alias="Range", include_in_schema=False),
                          shard: Optional[int] = Query(None, ge=0, description="tar shard of a png or webdataset job"),
                          file: Optional[str] = Query(None, max_length=100,
                                                      description="any file of the result by name, as `files` in the "
@@ -231,7 +232,7 @@ async def get_job_result(job_id: str, gw: GatewayDep, owner: OwnerDep, range: Op
         raise ServiceError(410, f"the result file {name} of job {job_id} is gone from the result store")
     media = "text/plain" if name == CHECKSUMS_NAME else RESULT_MEDIA.get(Path(name).suffix, "application/octet-stream")
     recorded = {item["name"]: item["sha256"] for item in status["files"] or []}
-    return stored_file(gw.jobs.results, key, size, range, media, filename,
+    return stored_file(gw.jobs.results, key, size, range_header, media, filename,
                        model_headers(status["model"], status["version"], status["manifest_sha256"]),
                        recorded.get(name))
 
