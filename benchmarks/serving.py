@@ -458,7 +458,9 @@ def benchmark(url: str, redis_url: str, cache_url: str, model: str, models_dir: 
                         "wrk": {"version": version, "threads": wrk_threads, "timeout_s": wrk_timeout_s,
                                 "script": str(WRK_SCRIPT.relative_to(REPO_ROOT))},
                         "onnxruntime_threads": ort_threads, "host_at_start": host_info(), "levels": []}
-        result["raw_engine"] = raw_engine(models_dir, model, ort_threads, min_seconds=raw_seconds)
+        # the workers' layout: their onnxruntime threads and the batch a job chunk is rendered at
+        result["raw_engine"] = raw_engine(models_dir, model, ort_threads, Settings.from_env().batch_size,
+                                          min_seconds=raw_seconds)
         one_body = request_body(model, hit_seed)
         primed = client.post("/counterfactual", content=one_body, headers=JSON_HEADERS)
         if primed.status_code != 200:
