@@ -169,13 +169,13 @@ def test_a_worker_that_restarts_mid_batch_loses_no_request(faulty):
     stand_in.mode = "silent"  # takes the batch, never answers: as if killed while rendering it
     taken = stand_in.taken
     with httpx.Client(base_url=url, timeout=30) as http, ThreadPoolExecutor(4) as pool:
-        started = time.monotonic()
         waiting = [pool.submit(counterfactual, http, seed=80_000 + i, n=1) for i in range(4)]
+        # Within the sync timeout (2 s) of the requests' arrival, or they are 504s and the test fails below.
         poll(lambda: stand_in.taken > taken, 2, "the stand-in to take the batch")
         stand_in.mode, stand_in.incarnation = "ok", "second"
         stand_in.announce()
+        # 200, not 504: the batch went out again on the restart instead of waiting out the sync timeout.
         assert [future.result().status_code for future in waiting] == [200] * 4
-        assert time.monotonic() - started < 2  # the sync timeout: nobody waited for it
         assert gauge(http, "skdcgn_requests_in_flight") == 0
 
 

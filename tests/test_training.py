@@ -415,7 +415,7 @@ def test_two_stage_recipe_runs_records_both_stages_and_loads_back(tmp_path, toy_
     stages = [(s["name"], s["lr"], s["batch_size"]) for s in recorded["stages"]]
     assert stages == [("fast", 5e-4, 16), ("slow", 1e-4, 8)]
     assert recorded["students"]["background"] == {"channels": [32, 16, 16, 8], "embed_dim": 8, "upsample": "nearest",
-                                                  "head": "conv"}
+                                                  "head": "conv", "conditioned_up_to": None}
     assert recorded["bank_size"] == 96 and recorded["notes"] == "two tiny stages"
     assert json.loads((tmp_path / "work" / "recipe.json").read_text()) == recorded
     assert manifest["training"]["steps"] == {"shape": 5, "texture": 3, "background": 2}
