@@ -211,3 +211,13 @@ def test_retention_and_orphan_cleanup_remove_a_jobs_objects_from_the_store(s3, t
     assert expired_count == 1 and orphans == 1 and record_left == 0
     assert s3.keys("jobs/") == []
     assert s3.client().list_multipart_uploads(Bucket=BUCKET).get("Uploads", []) == []
+
+
+def test_shard_urls_name_the_store_or_say_why_not():
+    status = {"id": "c" * 32, "state": "succeeded", "format": "webdataset", "shards": 2,
+              "files": [{"name": "result-00000.tar"}, {"name": "result-00001.tar"}]}
+    assert shard_urls(status, "s3://bucket/jobs/") == [f"s3://bucket/jobs/{'c' * 32}/result-0000{i}.tar" for i in (0, 1)]
+    with pytest.raises(ValueError, match="skdcgn jobs download"):
+        shard_urls(status)  # a folder store: no presigned URLs
+    with pytest.raises(ValueError, match="is running"):
+        shard_urls(status | {"state": "running"})
