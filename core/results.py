@@ -49,8 +49,12 @@ def job_prefix(job_id: str) -> str:
     return f"{job_id}/"
 
 
+def chunks_prefix(job_id: str) -> str:
+    return f"{job_id}/chunks/"
+
+
 def chunk_key(job_id: str, chunk: int) -> str:
-    return f"{job_id}/chunks/{chunk:06d}.npz"
+    return f"{chunks_prefix(job_id)}{chunk:06d}.npz"
 
 
 def file_key(job_id: str, name: str) -> str:

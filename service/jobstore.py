@@ -24,7 +24,7 @@ from core.jobs import (
     jobs_index_key, parse_files, recorded_progress,
 )
 from core.messages import STATS_KEY
-from core.results import ResultStore, StoreError, file_key, job_prefix
+from core.results import ResultStore, StoreError, chunks_prefix, file_key, job_prefix
 from core.vocabulary import CANCELLED, QUEUED, SUCCEEDED
 from service.errors import ServiceError, clip
 
@@ -117,7 +117,7 @@ class JobStore:
             return False
         await self.redis.hincrby(STATS_KEY, "jobs_cancelled", 1)
         try:
-            await in_store(self.results.remove, f"{job_id}/chunks/")
+            await in_store(self.results.remove, chunks_prefix(job_id))
         except (StoreError, OSError) as exc:  # the job's record stays until retention, whose pass removes its files
             logger.warning("job %s cancelled, its chunks stay in the store until retention removes them: %s",
                            job_id, exc)

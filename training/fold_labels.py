@@ -72,9 +72,10 @@ def fold_labels(model: onnx.ModelProto, classes: int) -> onnx.ModelProto:
     frontier = sorted({name for name in folded_outputs
                        if any(c not in folded for c in consumers.get(name, [])) or name in
                        {o.name for o in graph.output}})
+    producer = {name: node for node in graph.node for name in node.output}
     label_of = {}
     for name in frontier:
-        (label_of[name],) = [label for label in labels if _depends_on(graph, name, label)]
+        (label_of[name],) = [label for label in labels if _depends_on(producer, name, label)]
     tables = _evaluate(model, folded, constant_nodes, labels, frontier, classes) if frontier else {}
     for name, table in tables.items():
         if table.shape[:1] != (classes,):
@@ -92,8 +93,8 @@ def fold_labels(model: onnx.ModelProto, classes: int) -> onnx.ModelProto:
     return _without_unused(result)
 
 
-def _depends_on(graph: onnx.GraphProto, tensor: str, label: str) -> bool:
-    producer = {name: node for node in graph.node for name in node.output}
+def _depends_on(producer: dict[str, onnx.NodeProto], tensor: str, label: str) -> bool:
+    """Whether `tensor` is computed from `label` (`producer`: the node that writes each tensor)."""
     stack, seen = [tensor], set()
     while stack:
         name = stack.pop()
@@ -109,7 +110,6 @@ def _depends_on(graph: onnx.GraphProto, tensor: str, label: str) -> bool:
 def _fold_normalisations(nodes: list, tables: dict, constants: dict, consumers: dict) -> tuple[dict, list]:
     """BatchNormalization(x) → Mul(·, a[y]) → Add(·, b[y]), each output used once: x·(a·s)[y] + (b + a·t)[y] with
     the normalisation's s = scale/√(var+ε), t = bias − mean·s."""
-    by_output = {name: node for node in nodes for name in node.output}
     removed = set()
     for node in nodes:
         if node.op_type != "BatchNormalization" or len(consumers.get(node.output[0], [])) != 1:
@@ -132,7 +132,6 @@ def _fold_normalisations(nodes: list, tables: dict, constants: dict, consumers: 
         tables[scale_name] = (a * s.reshape(shape)).astype(np.float32)
         mul.input[list(mul.input).index(node.output[0])] = node.input[0]
         removed.add(id(node))
-    del by_output
     return tables, [node for node in nodes if id(node) not in removed]
 
 

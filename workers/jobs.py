@@ -40,7 +40,7 @@ from core.jobs import (
 from core.logs import NO_REQUEST, request_id
 from core.messages import STATS_KEY, ChunkTask
 from core.noise import draw_labels, draw_sample_noise
-from core.results import ResultStore, StoreError, chunk_key, file_key, job_prefix
+from core.results import ResultStore, StoreError, chunk_key, chunks_prefix, file_key, job_prefix
 from core.runtime import ModelRuntime
 from core.settings import Settings
 from core.vocabulary import ACTIVE_STATES, FAILED, SUCCEEDED
@@ -370,7 +370,7 @@ def _assemble_once(client: redis.Redis, settings: Settings, store: ResultStore, 
         size = sum(item["bytes"] for item in files)
         if client.eval(*end_args(job.id, SUCCEEDED, result_bytes=str(size), files=files_field(files))):
             client.hincrby(STATS_KEY, "jobs_succeeded", 1)
-            discard(store, job.id, f"{job.id}/chunks/")
+            discard(store, job.id, chunks_prefix(job.id))
         else:  # cancelled meanwhile: no result may appear for it
             discard(store, job.id, job_prefix(job.id))
     finally:
