@@ -23,7 +23,7 @@ the point to the service itself): the target is 429 with Retry-After and never a
 429s were observed.
 
 Also measured in the same run: the raw engine (the same students' fused graph through
-core.runtime.ModelRuntime.run_fused at batch 256, with the worker's onnxruntime thread count, with and
+core.runtime.ModelRuntime.run_fused at the workers' batch and onnxruntime thread count, with and
 without noise drawing, composition and uint8), and one bulk POST /jobs timed from submission to `succeeded`.
 Every figure is printed beside its target; the result names the family and version it measured (and the
 repository's LATEST then). Outputs: benchmarks/results/serving_<model>.json, a section of docs/RESULTS.md and
@@ -189,7 +189,7 @@ def request_body(model: str, seed: int) -> bytes:
     return json.dumps(body, separators=(",", ":")).encode()
 
 
-def raw_engine(models_dir: str, family: str, threads: int, batch: int = 256, min_seconds: float = 3.0) -> dict:
+def raw_engine(models_dir: str, family: str, threads: int, batch: int, min_seconds: float = 3.0) -> dict:
     """The same students without the service, through the workers' ModelRuntime at batch `batch` with the
     worker's onnxruntime thread count: the fused graph only, and with noise drawing, composition and uint8
     as a job does. Each variant repeats whole batches for at least `min_seconds` (after one warm-up)."""

@@ -2,12 +2,14 @@
 run the students (the fused graph, onnxruntime on CPU), beside the teacher's fused graph, in one run.
 
     python -m benchmarks.student_blocks --family double_colored_mnist [--threads 1] [--rounds 3]
+    python -m benchmarks.student_blocks --family colored_mnist --version v6 \
+        --trial "sub-pixel heads (codesign)=models/colored_mnist/v7"     # the blocks v7 changed, v7's fidelity
 
-A candidate is the family's LATEST student configs with one change: label lookups folded into tables at export
-(exact: same weights, same function), label conditioning kept only up to a resolution (a different architecture:
-needs distilling), or wider last blocks. The cost of a graph does not depend on its weights, so each candidate is
-exported with random weights by training.export exactly as a shipped version is, and timed at every batch of the
-sweep in alternating rounds with the teacher; each engine is judged at its best batch (fastest round). What a
+A candidate is the student configs of the family's LATEST (or --version) with one change: label lookups folded
+into tables at export (exact: same weights, same function), label conditioning kept only up to a resolution (a
+different architecture: needs distilling), or sub-pixel heads. The cost of a graph does not depend on its
+weights, so each candidate is exported with random weights by training.export exactly as a shipped version is,
+and timed at every batch of the sweep in alternating rounds with the teacher; each engine is judged at its best batch (fastest round). What a
 change does to fidelity is known only once it is distilled: the RESULTS table says which rows are exact.
 Writes benchmarks/results/student_blocks_<family>.json and the "Student blocks" section of docs/RESULTS.md.
 """
@@ -80,7 +82,8 @@ class FusedGraph:
 
 
 def run(args: argparse.Namespace) -> dict:
-    students = ModelRuntime.from_repository(args.models_dir, args.family, None, threads=args.threads, providers=[CPU])
+    students = ModelRuntime.from_repository(args.models_dir, args.family, args.version, threads=args.threads,
+                                            providers=[CPU])
     configs = student_configs(students.manifest)
     noise = students.noise
     teacher = load_teacher(teacher_for_family(args.family), args.teacher_path)
@@ -130,8 +133,8 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def trial_fidelity(trial: dict, latest: dict) -> dict:
-    """Held-out L1 (masks: IoU) of each mechanism a distilled trial of a candidate trained, beside LATEST's and the
-    class-mean baseline's, from the two manifests."""
+    """Held-out L1 (masks: IoU) of each mechanism a distilled trial of a candidate trained, beside the base version's
+    (key `latest`: LATEST unless --version) and the class-mean baseline's, from the two manifests."""
     out = {}
     for mechanism in MECHANISMS:
         metrics = trial["metrics"].get(mechanism)
@@ -185,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--family", default="double_colored_mnist")
     parser.add_argument("--models-dir", default=str(paths.models_dir))
     parser.add_argument("--teacher-path", default=str(paths.shared_dir / "teachers" / "cgn_mnist"))
+    parser.add_argument("--version", help="the version whose blocks the candidates change (default: LATEST); once a "
+                        "candidate ships, the version before it keeps the table about the change")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--min-seconds", type=float, default=0.5)

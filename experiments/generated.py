@@ -31,7 +31,7 @@ from core.manifest import MANIFEST_NAME, latest_version, list_versions, recorded
 from core.settings import REPO_ROOT
 from reporting import report
 from reporting.targets import (
-    BASELINE_MIN, L1_MAX, L1_RATIO, MIN_PAIRS, SPEED_BATCH, TARGETS, describe, targets_block,
+    BASELINE_MIN, L1_MAX, L1_RATIO, MIN_PAIRS, SPEED_THREADS, TARGETS, describe, targets_block,
 )
 
 FAMILIES = ("double_colored_mnist", "wildlife_mnist", "colored_mnist")  # README order
@@ -258,17 +258,20 @@ def serving_version(src: Sources, result: dict) -> str:
 
 def headline_speed(src: Sources) -> str | None:
     bench = src.bench(DEFAULT_FAMILY)
-    if not bench:
+    like = bench and (bench.get("like_for_like") or {}).get(str(SPEED_THREADS))
+    if not like:
         return None
-    ips = bench["images_per_second"]
-    student = ips["student/onnxruntime-cpu"]["fused"][str(SPEED_BATCH)]
-    teacher = ips["teacher/onnxruntime-cpu"]["fused"][str(SPEED_BATCH)]
+    student, teacher = like["best"]["student"], like["best"]["teacher"]
     cost = bench["cost"]
     students = sum(cost["student"][m]["parameters"] for m in ("shape", "texture", "background"))
     ratio = cost["teacher"]["total_parameters"] / students
-    text = (f"**Speed.** The three {SPOKEN[DEFAULT_FAMILY]} students ({bench['version']}) run at "
-            f"{student:,.0f} images/s in one fused onnxruntime graph at batch {SPEED_BATCH}, {student / teacher:.1f}× "
-            f"the teacher exported the same way ({teacher:,.0f}), with {ratio:.1f}× fewer parameters.")
+    threads = "one CPU thread" if SPEED_THREADS == 1 else f"{SPEED_THREADS} CPU threads"
+    text = (f"**Speed.** The three {SPOKEN[DEFAULT_FAMILY]} students ({bench['version']}) render "
+            f"{student['images_per_second']:,.0f} counterfactuals/s in one fused FP32 onnxruntime graph on {threads} "
+            f"(batch {student['batch']}), {like['ratio']:.1f}× the teacher exported the same way "
+            f"({teacher['images_per_second']:,.0f} at its best batch, {teacher['batch']}), with {ratio:.1f}× fewer "
+            f"parameters; they use {student['peak_share']:.0%} of the core's measured FP32 peak, the teacher "
+            f"{teacher['peak_share']:.0%}.")
     serving = src.results.get(f"serving_{DEFAULT_FAMILY}")
     if serving:
         hit, bulk = serving_target(serving, "cache-hit p50"), serving_target(serving, "bulk job")
@@ -374,7 +377,7 @@ def student_rows(src: Sources) -> list[list[str]]:
         share = "½ the teacher's" if spec.parameter_share == 0.5 else "the teacher's"
         rows.append([f"students, {short(family)} {m['version']}",
                      f"IoU ≥ {spec.mask_iou:g}; L1 ≤ {L1_RATIO:g}× baseline and ≤ {L1_MAX:g}; fused ≥ "
-                     f"{spec.fused_speedup:g}×; parameters < {share}",
+                     f"{spec.fused_speedup:g}× ({SPEED_THREADS} thread, best batch); parameters < {share}",
                      f"IoU {iou:.3f}; L1 " + (" / ".join(ratios) + " of the baseline" if ratios else "n/a")
                      + f"; fused {'not measured' if speed is None else f'{speed:.2f}×'}; {params(m):,} parameters",
                      student_verdict(targets)])
@@ -496,7 +499,8 @@ def results_students(src: Sources) -> str:
                   + f"; texture and background mean L1 ≤ {L1_RATIO:g}× the class-mean baseline and ≤ {L1_MAX:g} "
                   f"wherever that baseline exceeds {BASELINE_MIN:g}; the fused student graph ≥ "
                   + ", ".join(f"{t.fused_speedup:g}× ({short(f)})" for f, t in TARGETS.items())
-                  + f" the teacher's fused graph (onnxruntime CPU, batch {SPEED_BATCH}, the model benchmark below); "
+                  + f" the teacher's fused graph, like for like (FP32 onnxruntime CPU on {SPEED_THREADS} thread, each "
+                  "at its best batch: the model benchmark's `like_for_like` below); "
                   "student parameters (three mechanisms) below half the teacher's (wildlife: below the teacher's). "
                   "Fidelity: each manifest's `metrics`, measured at export on the bank's held-out split; each LATEST "
                   "manifest carries the same assessment as its `targets` block."), ""]
