@@ -333,13 +333,17 @@ def recipe_args(tmp_path, out, work="work", *extra):
     ]
 
 
-def test_default_recipe_is_the_one_double_colored_ships_with():
-    latest = (REPO / "models" / "double_colored_mnist" / "LATEST").read_text().strip()
-    shipped = load_recipe(REPO / "models" / "double_colored_mnist" / latest)
+def test_presets_re_make_the_recipes_double_colored_shipped_with():
+    """The default recipe (any teacher's presets) is v5's; `codesign` is LATEST's (v6 and on: co-designed blocks)."""
+    family = REPO / "models" / "double_colored_mnist"
     default = load_preset(DEFAULT_PRESET)
     assert all(preset == StudentPreset() for preset in default.students.values())  # any teacher's presets
-    assert default.resolve(MNIST_STUDENTS, 50000) == shipped
-    assert shipped.students["shape"].head == "subpixel" and shipped.students["texture"].head == "conv"
+    v5 = load_recipe(family / "v5")
+    assert default.resolve(MNIST_STUDENTS, 50000) == v5
+    assert v5.students["shape"].head == "subpixel" and v5.students["texture"].head == "conv"
+    latest = load_recipe(family / (family / "LATEST").read_text().strip())
+    assert load_preset("codesign").resolve(MNIST_STUDENTS, 50000) == latest and latest.fold_labels
+    assert all(s.head == "subpixel" and s.conditioned_up_to == 8 for s in latest.students.values())
     for version in ("v2", "v3"):  # older recipe files pin the students they were trained with
         assert load_preset(f"double_colored_mnist_{version}").resolve(MNIST_STUDENTS, 50000) == load_recipe(
             REPO / "models" / "double_colored_mnist" / version)
@@ -494,29 +498,35 @@ def test_interrupted_recipe_resumes_at_its_stage_and_step(tmp_path, toy_recipe, 
 
 
 def test_folding_the_label_lookups_of_a_shipped_graph_keeps_its_function(tmp_path):
-    """training.fold_labels on the shipped fused students: far fewer nodes, no Gemm on the label path, and the
-    same outputs (to float rounding) for every class."""
+    """training.fold_labels on shipped fused students exported unfolded (v5): far fewer nodes, no Gemm on the label
+    path, and the same outputs (to float rounding) for every class; folding a folded graph again changes nothing
+    it computes."""
     import onnx
     import onnxruntime as ort
 
     from training.fold_labels import fold_labels
 
-    family = REPO / "models" / "double_colored_mnist"
-    source = family / (family / "LATEST").read_text().strip() / "fused.onnx"
+    source = REPO / "models" / "double_colored_mnist" / "v5" / "fused.onnx"
     original = onnx.load(str(source))
     folded = fold_labels(original, 10)
     onnx.checker.check_model(folded)
     assert len(folded.graph.node) < 0.7 * len(original.graph.node)
     assert sum(node.op_type == "BatchNormalization" for node in folded.graph.node) < \
         sum(node.op_type == "BatchNormalization" for node in original.graph.node)
-    path = tmp_path / "folded.onnx"
-    onnx.save(folded, str(path))
-    sessions = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for p in (source, path)]
+    again = fold_labels(folded, 10)
+    onnx.checker.check_model(again)
+    assert len(again.graph.node) == len(folded.graph.node)
+    paths = [tmp_path / "folded.onnx", tmp_path / "folded_again.onnx"]
+    for model, path in zip((folded, again), paths):
+        onnx.save(model, str(path))
+    sessions = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for p in (source, *paths)]
     rng = np.random.default_rng(0)
     feeds = {item.name: (np.arange(40) % 10).astype(np.int64) if "int64" in item.type
              else rng.standard_normal((40, item.shape[1])).astype(np.float32) for item in sessions[0].get_inputs()}
-    for a, b in zip(*(session.run(None, feeds) for session in sessions)):
-        assert np.abs(a - b).max() < 1e-4
+    expected, *others = (session.run(None, feeds) for session in sessions)
+    for outputs in others:
+        for a, b in zip(expected, outputs):
+            assert np.abs(a - b).max() < 1e-4
 
 
 def test_codesign_students_condition_only_their_first_block_and_export_folded(tmp_path):

@@ -10,6 +10,8 @@ against PyTorch by the export's parity check, like every export.
 """
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
@@ -83,8 +85,9 @@ def fold_labels(model: onnx.ModelProto, classes: int) -> onnx.ModelProto:
     kept = [node for node in graph.node if node not in folded]
     tables, kept = _fold_normalisations(kept, tables, constants, consumers)
     nodes, initializers = [], [item for item in graph.initializer]
-    for index, (name, table) in enumerate(sorted(tables.items())):
-        table_name = f"{FOLD_PREFIX}_{index}"
+    taken = {item.name for item in initializers}  # a graph folded before already holds tables of that name
+    table_names = (n for n in (f"{FOLD_PREFIX}_{i}" for i in itertools.count()) if n not in taken)
+    for (name, table), table_name in zip(sorted(tables.items()), table_names):
         initializers.append(numpy_helper.from_array(np.ascontiguousarray(table, np.float32)
                                                     if table.dtype == np.float32 else table, table_name))
         nodes.append(helper.make_node("Gather", [table_name, label_of[name]], [name], axis=0))
