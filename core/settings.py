@@ -209,11 +209,12 @@ class Settings:
     job_retention_s: float = setting("JOB_RETENTION_S", 7 * 24 * 3600.0, _number(float, minimum=0.1))
     # how often the gateway removes expired jobs
     cleanup_interval_s: float = setting("CLEANUP_INTERVAL_S", 300.0, _number(float, minimum=0.1))
-    # samples per onnxruntime call inside a job chunk. 16: the students' best batch at one thread on a 2-core CPU
-    # (benchmarks.models, like for like: 8–16 beat 256 by a third, whose activations spill out of L2); GPUs want more
+    # samples per onnxruntime call inside a job chunk. 16: among the co-designed students' best batches at one thread
+    # on a 2-core CPU (benchmarks.models' "Worker layout": 16–32; at 256 activations spill out of L2); GPUs want more
     batch_size: int = setting("BATCH_SIZE", 16, _number(minimum=1))
     heartbeat_ttl_s: float = setting("HEARTBEAT_TTL_S", 10.0, _number(float, minimum=1.0))
-    # onnxruntime intra-op threads per worker process (0 lets onnxruntime decide): one suits small, shared CPUs.
+    # onnxruntime intra-op threads per worker process (0 lets onnxruntime decide). One, with one worker per core:
+    # a second thread adds little to these small graphs (benchmarks.models, like for like at 1 and 2 threads).
     ort_threads: int = setting("ORT_THREADS", 1, _number(minimum=0))
     models_loaded_max: int = setting("MODELS_LOADED_MAX", 3, _number(minimum=1))  # versions a worker keeps loaded (LRU)
     # or "json": one object per line, with the request id

@@ -222,8 +222,11 @@ def headline_invariance(src: Sources) -> str | None:
         parts.append((family, s, t, real["test_accuracy"]["mean"] if real else None))
     (f1, s1, t1, r1), (f2, s2, t2, r2) = parts
     v1, v2 = (student_version(found[f]) for f in (f1, f2))
+    seeds2 = found[f2]["config"]["seeds"]
+    if len(seeds2) != len(config["seeds"]):  # the second family's own seed count, inside its version's brackets
+        v2 = f"{v2[:-1]}, {seeds_text(seeds2)})" if v2 else f" ({seeds_text(seeds2)})"
     text = (f"**Invariance, the reason CGNs exist.** A classifier trained only on {config['images']:,} counterfactuals "
-            f"({config['train']['epochs']} epochs, {len(config['seeds'])} seeds) scores on real, randomly coloured "
+            f"({config['train']['epochs']} epochs, {seeds_text(config['seeds'])}) scores on real, randomly coloured "
             f"digits {report.pm(s1)} % with the {SPOKEN.get(f1, f1)} students{v1} vs {report.pm(t1)} % with the "
             f"teacher" + (f" and {r1:.1f} % for the biased real set" if r1 is not None else "")
             + f"; {SPOKEN.get(f2, f2)}{v2} {report.pm(s2)} % vs {report.pm(t2)} %"
