@@ -87,6 +87,17 @@ def test_draw_labels_respects_choices_and_is_deterministic():
     assert labels == [noise.draw_labels(3, i, choices) for i in range(200)]
 
 
+def test_draw_labels_keeps_the_seed_rule():
+    """The values Generator.choice over each mechanism's labels draws from the sample's label stream: the rule
+    every job's provenance names, so a dataset re-rendered later has the same labels."""
+    choices = {"shape": [0, 1, 2, 3, 4, 5, 6, 7, 8, 9], "texture": [3, 7, 8], "background": [4]}
+    for seed, index in ((0, 0), (3, 17), (20261205, 999_999)):
+        for i in range(index, index + 50):
+            stream = noise.label_stream(seed, i)
+            expected = {m: int(stream.choice(np.asarray(choices[m]))) for m in ("shape", "texture", "background")}
+            assert noise.draw_labels(seed, i, choices) == expected
+
+
 def test_compose_samples_applies_shifts_and_modifiers():
     spec = noise.NoiseSpec(dim=2)
     rng = np.random.default_rng(0)
