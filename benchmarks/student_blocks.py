@@ -9,8 +9,9 @@ A candidate is the student configs of the family's LATEST (or --version) with on
 into tables at export (exact: same weights, same function), label conditioning kept only up to a resolution (a
 different architecture: needs distilling), or sub-pixel heads. The cost of a graph does not depend on its
 weights, so each candidate is exported with random weights by training.export exactly as a shipped version is,
-and timed at every batch of the sweep in alternating rounds with the teacher; each engine is judged at its best batch (fastest round). What a
-change does to fidelity is known only once it is distilled: the RESULTS table says which rows are exact.
+and timed at every batch of the sweep in alternating rounds with the teacher; each engine is judged at its best
+batch (fastest round). What a change does to fidelity is known only once it is distilled: the RESULTS table says
+which rows are exact, and `--trial` puts a distilled candidate's held-out fidelity beside the base version's.
 Writes benchmarks/results/student_blocks_<family>.json and the "Student blocks" section of docs/RESULTS.md.
 """
 from __future__ import annotations

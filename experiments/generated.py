@@ -31,7 +31,7 @@ from core.manifest import MANIFEST_NAME, latest_version, list_versions, recorded
 from core.settings import REPO_ROOT
 from reporting import report
 from reporting.targets import (
-    BASELINE_MIN, L1_MAX, L1_RATIO, MIN_PAIRS, SPEED_THREADS, TARGETS, describe, targets_block,
+    BASELINE_MIN, L1_MAX, L1_RATIO, MIN_PAIRS, SPEED_THREADS, TARGETS, describe, speed_threads, targets_block,
 )
 
 FAMILIES = ("double_colored_mnist", "wildlife_mnist", "colored_mnist")  # README order
@@ -249,6 +249,11 @@ def student_version(result: dict) -> str:
     return f" ({name.rsplit('/', 1)[1]})" if "/" in name else ""
 
 
+def student_versions(results) -> str:
+    """'v5 / v4': the student versions of several invariance results, in order ('?' where one is unnamed)."""
+    return " / ".join(student_version(r).strip(" ()") or "?" for r in results)
+
+
 def serving_target(result: dict, prefix: str) -> dict | None:
     return next((t for t in result.get("targets", []) if t["target"].startswith(prefix)), None)
 
@@ -268,9 +273,9 @@ def headline_speed(src: Sources) -> str | None:
     cost = bench["cost"]
     students = sum(cost["student"][m]["parameters"] for m in ("shape", "texture", "background"))
     ratio = cost["teacher"]["total_parameters"] / students
-    threads = "one CPU thread" if SPEED_THREADS == 1 else f"{SPEED_THREADS} CPU threads"
     text = (f"**Speed.** The three {SPOKEN[DEFAULT_FAMILY]} students ({bench['version']}) render "
-            f"{student['images_per_second']:,.0f} counterfactuals/s in one fused FP32 onnxruntime graph on {threads} "
+            f"{student['images_per_second']:,.0f} counterfactuals/s in one fused FP32 onnxruntime graph on "
+            f"{speed_threads()} of a CPU "
             f"(batch {student['batch']}), {like['ratio']:.1f}× the teacher exported the same way "
             f"({teacher['images_per_second']:,.0f} at its best batch, {teacher['batch']}), with {ratio:.1f}× fewer "
             f"parameters; they use {student['peak_share']:.0%} of the core's measured FP32 peak, the teacher "
@@ -347,7 +352,8 @@ def invariance_rows(src: Sources) -> list[list[str]]:
             "near",
             f"paper scale ({first['images'] // 1000}k, {first['train']['epochs']} epochs, seed "
             f"{','.join(map(str, first['seeds']))}): " + join(f"{arm(paper[f], 'teacher')['mean']:.1f}" for f in paper)
-            + " %, students " + join(f"{arm(paper[f], 'student')['mean']:.1f}" for f in paper) + " %; at the default "
+            + " %, students " + join(f"{arm(paper[f], 'student')['mean']:.1f}" for f in paper)
+            + f" % ({student_versions(paper.values())}); at the default "
             f"{next(iter(default.values()))['config']['images'] // 1000}k / "
             f"{next(iter(default.values()))['config']['train']['epochs']} epochs "
             + join(f"{arm(default[f], 'teacher')['mean']:.1f}" for f in default) + " %",
@@ -380,7 +386,7 @@ def student_rows(src: Sources) -> list[list[str]]:
         share = "½ the teacher's" if spec.parameter_share == 0.5 else "the teacher's"
         rows.append([f"students, {short(family)} {m['version']}",
                      f"IoU ≥ {spec.mask_iou:g}; L1 ≤ {L1_RATIO:g}× baseline and ≤ {L1_MAX:g}; fused ≥ "
-                     f"{spec.fused_speedup:g}× ({SPEED_THREADS} thread, best batch); parameters < {share}",
+                     f"{spec.fused_speedup:g}× ({speed_threads()}, best batch); parameters < {share}",
                      f"IoU {iou:.3f}; L1 " + (" / ".join(ratios) + " of the baseline" if ratios else "n/a")
                      + f"; fused {'not measured' if speed is None else f'{speed:.2f}×'}; {params(m):,} parameters",
                      student_verdict(targets)])
@@ -448,7 +454,9 @@ def scale_sentence(src: Sources) -> str | None:
     return wrap(f"The default scale ({config['images']:,} counterfactuals, {config['train']['epochs']} epochs) leaves "
                 f"the teacher's arm {min(under):.1f}–{max(under):.1f} points under paper scale; at paper scale it "
                 "reaches the public counterfactuals-only reproduction, and the paper's figures also train on the real "
-                f"set. Students stay within {max(gaps):.1f} points of the teacher at both scales.")
+                f"set. Students (paper scale {student_versions(paper.values())}, default scale "
+                f"{student_versions(default.values())}) stay within {max(gaps):.1f} points of the teacher at both "
+                "scales.")
 
 
 def results_summary(src: Sources) -> str:
@@ -502,7 +510,7 @@ def results_students(src: Sources) -> str:
                   + f"; texture and background mean L1 ≤ {L1_RATIO:g}× the class-mean baseline and ≤ {L1_MAX:g} "
                   f"wherever that baseline exceeds {BASELINE_MIN:g}; the fused student graph ≥ "
                   + ", ".join(f"{t.fused_speedup:g}× ({short(f)})" for f, t in TARGETS.items())
-                  + f" the teacher's fused graph, like for like (FP32 onnxruntime CPU on {SPEED_THREADS} thread, each "
+                  + f" the teacher's fused graph, like for like (FP32 onnxruntime CPU on {speed_threads()}, each "
                   "at its best batch: the model benchmark's `like_for_like` below); "
                   "student parameters (three mechanisms) below half the teacher's (wildlife: below the teacher's). "
                   "Fidelity: each manifest's `metrics`, measured at export on the bank's held-out split; each LATEST "

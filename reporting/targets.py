@@ -9,9 +9,9 @@ process runs), each engine at its best batch of the benchmark's sweep; with fewe
 
 `assess(manifest, bench)` measures a version: fidelity and parameters from its manifest (`metrics`,
 `student_parameters`, `teacher.parameters`), speed from a model benchmark result (benchmarks/results/
-models_<family>.json, its `like_for_like` block) of the same version, or "not measured". The result goes into the manifest as its `targets`
-block (beside the hand-written `tried`: what was attempted) and into docs/RESULTS.md, both by
-experiments.generated, never by hand.
+models_<family>.json, its `like_for_like` block) of the same version, or "not measured". The result goes into the
+manifest as its `targets` block (beside the hand-written `tried`: what was attempted) and into docs/RESULTS.md, both
+by experiments.generated, never by hand.
 """
 from __future__ import annotations
 
@@ -46,9 +46,13 @@ def _check(name: str, target: str, measured, met, short_by=None, **extra) -> dic
     return {**out, **extra}
 
 
+def speed_threads() -> str:
+    """'one thread': how every text about the speed target names its thread count."""
+    return "one thread" if SPEED_THREADS == 1 else f"{SPEED_THREADS} threads"
+
+
 def speed_target(family: str) -> str:
-    threads = "one thread" if SPEED_THREADS == 1 else f"{SPEED_THREADS} threads"
-    return (f"≥ {TARGETS[family].fused_speedup:g}× the teacher's fused graph (onnxruntime CPU FP32, {threads}, "
+    return (f"≥ {TARGETS[family].fused_speedup:g}× the teacher's fused graph (onnxruntime CPU FP32, {speed_threads()}, "
             "each at its best batch)")
 
 
